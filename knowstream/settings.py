@@ -1,0 +1,98 @@
+"""One typed settings object for every entry point.
+
+Every value reads from the environment as ``KNOWSTREAM_<NAME>`` (for example
+``KNOWSTREAM_BOOTSTRAP_SERVERS=kafka:9092``) and most CLI flags override it.
+Entry points build it once (``Settings()``) and pass it down; nothing else reads
+the environment.
+
+Defaults are the embedded, single-machine setup: a tansu broker on loopback,
+Qdrant local mode under ``home``, MLflow on SQLite under ``home``, Beam's
+in-process FnApiRunner. Production swaps these by configuration only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Telemetry and hub lookups off before any of these libraries is imported:
+# the machines this runs on have no network, and an offline hub lookup retries
+# for ~47 s before failing.
+for _k, _v in {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KNOWSTREAM_", extra="ignore")
+
+    # --- where local state lives -------------------------------------------------
+    home: Path = Path(".knowstream")  # broker pids/logs, Qdrant path, MLflow DB, staging
+
+    # --- Kafka --------------------------------------------------------------------
+    bootstrap_servers: str = "127.0.0.1:19092"  # production: your brokers
+    topic: str = "documents"  # document events; dead letters go to "<topic>.dlq"
+    group_id: str = "knowstream-ingest"  # consumer group of the ingest flow
+    partitions: int = 1  # partitions when knowstream creates the topic
+    max_batch_messages: int = 5000  # micro-batch cap
+    poll_timeout_ms: int = 1500  # an empty poll this long ends a micro-batch
+    session_timeout_ms: int = 6000  # tansu joins take ~half of this; keep it small
+    broker_storage: str = "memory://tansu/"  # `knowstream up`: memory:// or s3://bucket/
+
+    # --- Qdrant -------------------------------------------------------------------
+    qdrant_url: str | None = None  # a server (http://host:6333); None = local mode
+    qdrant_path: Path | None = None  # local mode path; None = <home>/qdrant
+    collection: str = "knowstream"  # one collection holds every version
+
+    # --- MLflow -------------------------------------------------------------------
+    mlflow_uri: str | None = None  # tracking server; None = sqlite:///<home>/mlflow.db
+    memory_model: str = "knowstream-memory"  # registered model whose versions are snapshots
+    amortizer_model: str = "knowstream-amortizer"  # registered model of trained amortizers
+
+    # --- pipeline -----------------------------------------------------------------
+    chunk_tokens: int = 128  # word pieces per chunk (MiniLM tokenizer)
+    chunk_overlap: int = 32  # word pieces shared by neighbouring chunks
+    embed_batch: int = 32  # chunks per embedding forward pass
+    amortize_batch: int = 16  # documents per amortizer forward pass
+    max_text_chars: int = 200_000  # larger documents go to the dead-letter topic
+    amortizer: str = "init"  # checkpoint path, or "init" (seeded, untrained weights)
+    beam_args: list[str] = Field(default_factory=lambda: ["--runner=FnApiRunner"])
+    torch_threads: int = 1  # on 2 busy cores one thread is often fastest
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic}.dlq"
+
+    @property
+    def qdrant_location(self) -> Path:
+        return self.qdrant_path or self.home / "qdrant"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.home / "mlartifacts").resolve()
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"  # pid files, service logs
+
+    def broker_address(self) -> tuple[str, int]:
+        """Host and port of the first bootstrap server."""
+        host, _, port = self.bootstrap_servers.split(",")[0].rpartition(":")
+        return host or "127.0.0.1", int(port)
