@@ -1,0 +1,32 @@
+"""Kafka behind one module: micro-batch consumption with explicit commits
+(``_source``), producing documents and dead letters (``_target``)."""
+
+from knowstream.connectors.kafka._source import (
+    BatchConsumer,
+    KafkaRecord,
+    committed_offsets,
+    consumer_lag,
+    count_messages,
+    offsets_of,
+    read_range,
+)
+from knowstream.connectors.kafka._target import (
+    EventProducer,
+    ensure_topics,
+    produce_file,
+    send_dead_letters,
+)
+
+__all__ = [
+    "BatchConsumer",
+    "EventProducer",
+    "KafkaRecord",
+    "committed_offsets",
+    "consumer_lag",
+    "count_messages",
+    "ensure_topics",
+    "offsets_of",
+    "produce_file",
+    "read_range",
+    "send_dead_letters",
+]
