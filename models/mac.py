@@ -1,0 +1,450 @@
+"""Memory of Amortized Contexts (MAC, Tack et al. 2024) for a frozen SmolLM2-135M.
+
+MAC keeps a frozen LM's knowledge current without touching its weights:
+
+1. Amortize. Each new document is read once by the frozen text encoder
+   (all-MiniLM-L6-v2, models/encoder.py); the ``Amortizer`` compresses the
+   encoder's token states into a memory entry of T vectors of the LM's width,
+   (T, d_lm). Entries are stored in a bank and never recomputed.
+2. Aggregate. For a question, the ``Aggregator`` reads the question with the
+   same frozen encoder, turns it into T query vectors and cross-attends from them
+   over the retrieved entries, giving one (T, d_lm) summary of what the bank
+   knows that is relevant to the question.
+3. Modulate. The ``Expansion`` turns that summary into P key/value prefix tokens
+   for every layer of the frozen LM (prefix tuning, generated per question), and
+   the LM answers with the prefix as its cache.
+
+Only the three networks above are trained (see ``MAC.trainable_state_dict``):
+the encoder and the LM stay frozen and are not part of this module, so a
+checkpoint holds a few MB, not the 22M + 135M frozen parameters.
+
+Conventions: every mask is boolean with True = real token/entry; the LM sees the
+prompt at positions P, P+1, ... after its P prefix tokens, in training and in
+``answer`` alike.
+"""
+
+from __future__ import annotations
+
+import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
+
+# isort: split
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from knowstream.models.encoder import MAX_TOKENS, TextEncoder
+
+
+@dataclass
+class MACConfig:
+    # --- the memory entry ---
+    n_tokens: int = 16  # T: vectors per memory entry (upstream: 12 for distilgpt2, 24 above)
+    # --- the frozen models (must match them; the defaults are SmolLM2-135M and MiniLM-L6) ---
+    d_lm: int = 576  # hidden width of the frozen LM
+    d_enc: int = 384  # hidden width of the frozen text encoder
+    n_layers_lm: int = 30  # decoder layers of the LM: each gets its own prefix
+    n_kv_heads: int = 3  # key/value heads of the LM (GQA: its 9 query heads share these 3)
+    head_dim: int = 64  # width of one key/value head of the LM
+    # --- the trainable networks ---
+    prefix_len: int = 2  # P: prefix tokens per LM layer (upstream: 2)
+    d_model: int = 192  # width of the amortizer's and the question reader's layers
+    n_heads: int = 8  # attention heads; d_model must be divisible by it
+    amortizer_layers: int = 2  # amortizer layers: self-attn, cross-attn to the document, MLP
+    question_layers: int = 1  # layers of the same kind reading the question in the aggregator
+    aggregator_blocks: int = 2  # cross-attention blocks from the question's queries over the bank
+    mlp_hidden: int = 384  # hidden width of the MLP in every attention layer and block
+    token_hidden: int = 16  # hidden width of each per-token MLP (T per reader, 2LP in expansion)
+    dropout: float = 0.0  # dropout on attention weights and residual branches (upstream: none)
+    seed: int = 0  # seed of the initial weights: untrained models are identical across processes
+
+    @property
+    def n_prefix(self) -> int:
+        """Prefix tokens the expansion makes: a key and a value, P each, for every LM layer."""
+        return 2 * self.n_layers_lm * self.prefix_len
+
+
+class Attention(nn.Module):
+    """Multi-head attention from ``x`` (width d_q) to ``ctx`` (width d_kv) through
+    an inner width d_attn; the output has x's width, so it can be a residual branch."""
+
+    def __init__(self, d_q: int, d_kv: int, d_attn: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        assert d_attn % n_heads == 0, "attention width must be divisible by the number of heads"
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q = nn.Linear(d_q, d_attn)
+        self.kv = nn.Linear(d_kv, 2 * d_attn)
+        self.out = nn.Linear(d_attn, d_q)
+
+    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None = None) -> Tensor:
+        B, Tq, _ = x.shape
+        L = ctx.shape[1]
+        q = self.q(x).view(B, Tq, self.n_heads, -1).transpose(1, 2)  # (B, h, Tq, dh)
+        k, v = self.kv(ctx).view(B, L, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, dh)
+        attn_mask = None
+        if ctx_mask is not None:
+            # A row whose context is all padding (a question with no retrieved
+            # entry, a bank window past the end) would softmax over nothing and
+            # give NaN, in the backward pass too. Such rows attend to everything
+            # and their output is zeroed: the residual stream passes unchanged,
+            # and no gradient reaches the padding.
+            empty = ~ctx_mask.any(-1)  # (B,)
+            attn_mask = (ctx_mask | empty[:, None])[:, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = self.out(y.transpose(1, 2).reshape(B, Tq, -1))
+        if ctx_mask is not None:
+            y = y.masked_fill(empty[:, None, None], 0.0)
+        return y
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear -> dropout (the transformer MLP)."""
+
+    def __init__(self, d: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TokenMLP(nn.Module):
+    """n separate maps, one per token position: LayerNorm -> Linear -> Tanh -> Linear,
+    plus a skip (identity if d_in == d_out, else linear). (B, n, d_in) -> (B, n, d_out).
+
+    This is upstream's per-token output head, with two economies. The LayerNorm's
+    affine is shared, since a per-token scale is absorbed by the per-token first
+    Linear anyway. The skip is shared too: a per-token linear skip costs
+    n*d_in*d_out parameters (1.8M for the amortizer's head alone), while the
+    per-token nonlinear branch already lets every position specialize.
+    """
+
+    def __init__(self, n: int, d_in: int, d_out: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_in)
+        self.w1 = nn.Parameter(torch.randn(n, d_in, hidden) / math.sqrt(d_in))
+        self.b1 = nn.Parameter(torch.zeros(n, hidden))
+        self.w2 = nn.Parameter(torch.randn(n, hidden, d_out) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(n, d_out))
+        self.skip = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(torch.einsum("bni,nih->bnh", self.norm(x), self.w1) + self.b1)
+        return self.skip(x) + torch.einsum("bnh,nho->bno", h, self.w2) + self.b2
+
+
+class ReaderLayer(nn.Module):
+    """Pre-LayerNorm transformer decoder layer: self-attention among the queries,
+    cross-attention to the encoder's token states, MLP."""
+
+    def __init__(self, c: MACConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.d_model)
+        self.self_attn = Attention(c.d_model, c.d_model, c.d_model, c.n_heads, c.dropout)
+        self.norm2 = nn.LayerNorm(c.d_model)
+        self.cross_attn = Attention(c.d_model, c.d_enc, c.d_model, c.n_heads, c.dropout)
+        self.norm3 = nn.LayerNorm(c.d_model)
+        self.mlp = MLP(c.d_model, c.mlp_hidden, c.dropout)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, states: Tensor, mask: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.self_attn(h, h))
+        # The encoder's last layer ends in a LayerNorm: its states need no other.
+        x = x + self.drop(self.cross_attn(self.norm2(x), states, mask))
+        return x + self.mlp(self.norm3(x))
+
+
+class Amortizer(nn.Module):
+    """Encoder token states (B, L, d_enc) + mask -> T vectors of the LM's width (B, T, d_lm).
+
+    T learned queries read the text through ``n_layers`` ReaderLayers; T per-token
+    MLPs map them to the LM's width. For documents this output is the memory
+    entry; the aggregator reads questions with a second, separate instance
+    (upstream likewise uses a second T5 for questions).
+    """
+
+    def __init__(self, c: MACConfig, n_layers: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(c.n_tokens, c.d_model) * 0.02)
+        self.layers = nn.ModuleList(ReaderLayer(c) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(c.d_model)
+        self.head = TokenMLP(c.n_tokens, c.d_model, c.d_lm, c.token_hidden)
+
+    def forward(self, states: Tensor, mask: Tensor) -> Tensor:
+        x = self.queries.expand(states.shape[0], -1, -1)
+        for layer in self.layers:
+            x = layer(x, states, mask)
+        return self.head(self.norm(x))
+
+    def amortize_texts(
+        self, encoder: TextEncoder, texts: list[str], window_batch: int = 32
+    ) -> Tensor:
+        """Memory entries (B, T, d_lm) of texts of any length, one amortizer pass.
+
+        The encoder sees at most MAX_TOKENS tokens at a time, so each text is cut
+        into windows of MAX_TOKENS - 2 tokens (plus [CLS] and [SEP]), the windows
+        of all texts are encoded ``window_batch`` at a time, and each text's
+        window states are concatenated back along L: the amortizer's queries then
+        cross-attend over the whole document at once.
+        """
+        if not texts:
+            return self.queries.new_zeros(0, *self.head.b2.shape)  # (0, T, d_lm)
+        tok = encoder.tokenizer
+        step = MAX_TOKENS - 2
+        ids = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        windows: list[list[int]] = []
+        owner: list[int] = []  # which text each window comes from
+        for i, x in enumerate(ids):
+            for start in range(0, max(len(x), 1), step):
+                windows.append([tok.cls_token_id, *x[start : start + step], tok.sep_token_id])
+                owner.append(i)
+        per_text: list[list[Tensor]] = [[] for _ in texts]
+        for start in range(0, len(windows), window_batch):
+            states, mask = encoder.encode_ids(windows[start : start + window_batch])
+            for j in range(len(states)):
+                per_text[owner[start + j]].append(states[j, mask[j]])  # without padding
+        docs = [torch.cat(parts) for parts in per_text]
+        L = max(len(d) for d in docs)
+        param = self.queries
+        doc_states = param.new_zeros(len(texts), L, docs[0].shape[-1])
+        doc_mask = torch.zeros(len(texts), L, dtype=torch.bool, device=param.device)
+        for i, d in enumerate(docs):
+            doc_states[i, : len(d)] = d
+            doc_mask[i, : len(d)] = True
+        return self(doc_states, doc_mask)
+
+
+class BankBlock(nn.Module):
+    """Pre-LayerNorm cross-attention block from the question's T vectors over the
+    bank's flattened entries, both of the LM's width, then an MLP."""
+
+    def __init__(self, c: MACConfig) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(c.d_lm)
+        # The bank is normalized per block: entries are raw amortizer outputs (or,
+        # in hierarchical aggregation, aggregator outputs) of arbitrary scale.
+        self.norm_bank = nn.LayerNorm(c.d_lm)
+        self.attn = Attention(c.d_lm, c.d_lm, c.d_model, c.n_heads, c.dropout)
+        self.norm_mlp = nn.LayerNorm(c.d_lm)
+        self.mlp = MLP(c.d_lm, c.mlp_hidden, c.dropout)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, bank: Tensor, bank_mask: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.norm_q(x), self.norm_bank(bank), bank_mask))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class Aggregator(nn.Module):
+    """Question + bank of entries -> one (B, T, d_lm) summary for the expansion."""
+
+    def __init__(self, c: MACConfig) -> None:
+        super().__init__()
+        self.question = Amortizer(c, c.question_layers)
+        self.blocks = nn.ModuleList(BankBlock(c) for _ in range(c.aggregator_blocks))
+
+    def forward(
+        self, q_states: Tensor, q_mask: Tensor, bank: Tensor, bank_mask: Tensor | None = None
+    ) -> Tensor:
+        """Question states (B, Lq, d_enc) + mask, bank (B, N, T, d_lm) + mask (B, N)."""
+        return self.aggregate(self.question(q_states, q_mask), bank, bank_mask)
+
+    def aggregate(self, q: Tensor, bank: Tensor, bank_mask: Tensor | None = None) -> Tensor:
+        """Question vectors q (B, T, d_lm) attend over all T tokens of all N entries
+        of the bank (B, N, T, d_lm); bank_mask (B, N) marks real entries, so
+        questions with different numbers of retrieved entries share a batch."""
+        B, N, T, D = bank.shape
+        if bank_mask is None:
+            bank_mask = torch.ones(B, N, dtype=torch.bool, device=bank.device)
+        if N == 0:
+            # No entry at all is the same as one padding entry: attention to an
+            # all-padding bank contributes nothing (see Attention).
+            bank, bank_mask, N = bank.new_zeros(B, 1, T, D), bank_mask.new_zeros(B, 1), 1
+        flat_mask = bank_mask[:, :, None].expand(B, N, T).reshape(B, N * T)
+        x = q
+        for block in self.blocks:
+            x = block(x, bank.reshape(B, N * T, D), flat_mask)
+        return x
+
+    def aggregate_hierarchical(
+        self, q: Tensor, bank: Tensor, window: int, bank_mask: Tensor | None = None
+    ) -> Tensor:
+        """``aggregate`` for banks too large to attend over at once.
+
+        The bank is cut into windows of ``window`` entries, each window is
+        aggregated with the question into one entry-shaped (T, d_lm) summary, and
+        the summaries form the next, smaller bank, until it fits in one window.
+        Every entry is read: the windows run over the bank's N axis (upstream's
+        loop ran over the question's length and skipped most of a large bank).
+        Summaries are aggregator outputs, not amortizer outputs, so this only
+        works well if the aggregator is also trained on its own outputs.
+        """
+        assert window >= 2, "a window of one entry never shrinks the bank"
+        B, N, T, D = bank.shape
+        if bank_mask is None:
+            bank_mask = torch.ones(B, N, dtype=torch.bool, device=bank.device)
+        while bank.shape[1] > window:
+            N = bank.shape[1]
+            n_win = -(-N // window)
+            pad = n_win * window - N
+            bank = F.pad(bank, (0, 0, 0, 0, 0, pad))
+            mask = F.pad(bank_mask, (0, pad), value=False).view(B * n_win, window)
+            q_rep = q.repeat_interleave(n_win, dim=0)
+            bank = self.aggregate(q_rep, bank.view(B * n_win, window, T, D), mask)
+            bank = bank.view(B, n_win, T, D)
+            bank_mask = mask.view(B, n_win, window).any(-1)  # an all-padding window stays padding
+        return self.aggregate(q, bank, bank_mask)
+
+
+class Expansion(nn.Module):
+    """(B, T, d_lm) summary -> P key and P value prefix tokens for each LM layer.
+
+    The T tokens are projected to the LM's key/value width, n_kv_heads * head_dim
+    = 192 (the LM uses grouped-query attention: 9 query heads share 3 key/value
+    heads, so the prefix is built with 3 heads, not 9). A learned linear mixing
+    of the T tokens then gives 2*L*P tokens (upstream repeats the T tokens
+    instead; mixing lets every prefix token draw on all of them), and each goes
+    through its own residual MLP. Projecting first keeps the 120 per-token MLPs
+    small: at the LM's width 576 they alone would exceed the checkpoint budget.
+    """
+
+    def __init__(self, c: MACConfig) -> None:
+        super().__init__()
+        self.c = c
+        kv_width = c.n_kv_heads * c.head_dim
+        self.proj = nn.Linear(c.d_lm, kv_width)
+        self.mix = nn.Linear(c.n_tokens, c.n_prefix)
+        self.head = TokenMLP(c.n_prefix, kv_width, kv_width, c.token_hidden)
+
+    def key_values(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """One (key, value) pair per LM layer, each (B, n_kv_heads, P, head_dim)."""
+        c = self.c
+        B = x.shape[0]
+        z = self.mix(self.proj(x).transpose(1, 2)).transpose(1, 2)  # (B, 2LP, kv_width)
+        kv = self.head(z).view(B, c.n_layers_lm, 2, c.prefix_len, c.n_kv_heads, c.head_dim)
+        kv = kv.permute(1, 2, 0, 4, 3, 5)  # (L, 2, B, heads, P, head_dim)
+        return [(layer[0], layer[1]) for layer in kv]
+
+    def forward(self, x: Tensor) -> tuple[DynamicCache, int]:
+        """The prefix as a fresh transformers cache, and its length P per layer.
+
+        A cache is filled in place by every LM forward, so build a new one per
+        generation or training step; gradients flow through it to this module.
+        """
+        return DynamicCache(self.key_values(x)), self.c.prefix_len
+
+
+class MAC(nn.Module):
+    """The trainable part of MAC: amortizer, aggregator, expansion."""
+
+    def __init__(self, config: MACConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Initialize from the config's seed without touching the global RNG, so
+        # that every process builds identical untrained weights (and version).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.amortizer = Amortizer(config, config.amortizer_layers)
+            self.aggregator = Aggregator(config)
+            self.expansion = Expansion(config)
+
+    @classmethod
+    def init(cls, config: MACConfig | None = None) -> MAC:
+        """Untrained MAC for ``config`` (default ``MACConfig()``), seeded by ``config.seed``."""
+        return cls(config or MACConfig())
+
+    def forward(
+        self, q_states: Tensor, q_mask: Tensor, bank: Tensor, bank_mask: Tensor | None = None
+    ) -> tuple[DynamicCache, int]:
+        """Question states + bank of entries -> the LM prefix cache and P."""
+        return self.expansion(self.aggregator(q_states, q_mask, bank, bank_mask))
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Every weight MAC trains. The frozen encoder and LM are deliberately not
+        submodules, so this is the whole state dict, and optimizers and
+        checkpoints never see their 157M parameters."""
+        return self.state_dict()
+
+    @property
+    def version(self) -> str:
+        """``mac-`` + 12 hex digits of sha256 over the weights (keys sorted):
+        equal weights give equal versions in any process."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.trainable_state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        return "mac-" + h.hexdigest()[:12]
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path/model.safetensors`` and ``path/config.json``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
+        save_file(weights, path / "model.safetensors", metadata={"version": self.version})
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> MAC:
+        """A MAC saved by ``save``, in eval mode on ``device``; its version is checked
+        against the one recorded at save time."""
+        path = Path(path)
+        mac = cls(MACConfig(**json.loads((path / "config.json").read_text())))
+        mac.load_state_dict(load_file(path / "model.safetensors"))
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            saved = f.metadata()["version"]
+        if mac.version != saved:
+            raise ValueError(f"{path}: weights hash to {mac.version}, saved as {saved}")
+        return mac.to(device).eval()
+
+
+@torch.no_grad()
+def answer(
+    mac: MAC,
+    lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: TextEncoder,
+    question: str,
+    bank: Tensor,
+    max_new_tokens: int = 24,
+) -> str:
+    """Greedy answer of the frozen LM to ``question``, modulated by the bank.
+
+    ``bank`` holds the retrieved entries for this question, (N, T, d_lm); N may
+    be 0. The question goes to the LM through its chat template, after the prefix.
+    ``mac`` should be in eval mode (as ``MAC.load`` returns it) if it has dropout.
+    """
+    device = lm.device
+    param = next(mac.parameters())  # MAC's device and dtype
+    q_states, q_mask = encoder.encode([question])
+    q_states, q_mask = q_states.to(param.device, param.dtype), q_mask.to(param.device)
+    summary = mac.aggregator(q_states, q_mask, bank.to(param.device, param.dtype)[None])
+    pairs = mac.expansion.key_values(summary)
+    cache = DynamicCache([(k.to(device, lm.dtype), v.to(device, lm.dtype)) for k, v in pairs])
+    P = mac.config.prefix_len
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
+    )
+    input_ids = prompt["input_ids"].to(device)
+    # The mask covers the prefix too: P ones in front of the prompt's ones.
+    attention_mask = torch.ones(1, P + input_ids.shape[1], dtype=torch.long, device=device)
+    out = lm.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
