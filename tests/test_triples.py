@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from spacy.language import Language
+
 from knowstream.pipelines.stages.triples import (
     TRIPLES_VERSION,
     Fact,
@@ -10,7 +12,6 @@ from knowstream.pipelines.stages.triples import (
     extract_facts_many,
     load_nlp,
 )
-from spacy.language import Language
 
 SUPER_BOWL_50_0 = (
     "Super Bowl 50 was an American football game to determine the champion of the National "

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
 
+import apache_beam as beam
 import spacy
+from apache_beam.metrics import Metrics
 from spacy.language import Language
 from spacy.tokens import Doc, Span, Token
 
@@ -327,3 +329,44 @@ def _confidence(entity_of: dict[int, Span], subj: _Arg, obj: _Arg, core: bool) -
     if subj.indirect or obj.indirect:
         score -= INDIRECT_PENALTY
     return round(min(1.0, max(0.0, score)), 3)
+
+
+class Triples(beam.DoFn):
+    """Stage "triples": chunked documents -> TRIPLE rows.
+
+    in:  batches of {"doc", "text", "published_at", "chunks"} (the "chunk" output)
+    out: TRIPLE rows, each tied to the chunk that holds its sentence
+
+    Facts are extracted from the whole document, not per chunk: overlapping
+    chunks would repeat facts, and a sentence cut at a chunk edge would lose
+    them. Each fact goes to the first chunk whose span contains its sentence
+    start.
+    """
+
+    def __init__(self) -> None:
+        self.extracted = Metrics.counter("triples", "triples")
+
+    def setup(self) -> None:
+        self.nlp = load_nlp()
+
+    def process(self, batch: list[dict]):
+        facts_per_doc = extract_facts_many(self.nlp, [d["text"] for d in batch])
+        for doc, facts in zip(batch, facts_per_doc, strict=True):
+            chunks = doc["chunks"]
+            for f in facts:
+                home = next(
+                    (c for c in chunks if c["char_start"] <= f.char_start < c["char_end"]),
+                    chunks[-1] if chunks else None,
+                )
+                if home is None:
+                    continue
+                self.extracted.inc()
+                yield {
+                    "subject": f.subject,
+                    "relation": f.relation,
+                    "object": f.object,
+                    "doc_id": doc["doc"]["doc_id"],
+                    "chunk_id": home["chunk_id"],
+                    "confidence": f.confidence,
+                    "observed_at": doc["published_at"],
+                }

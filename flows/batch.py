@@ -1,0 +1,141 @@
+"""One micro-batch, shared by ingest and backfill: pipeline -> publish.
+
+Each step is a Prefect task, so the Prefect UI and logs show "pipeline" and
+"publish" with their durations and failures. Inputs are records in memory, not
+cacheable values: caching is off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from knowstream.connectors.kafka import KafkaRecord
+from knowstream.memory import Memory
+from knowstream.pipelines.pipeline import run_batch
+from knowstream.pipelines.stages.amortize import load_amortizer
+from knowstream.pipelines.stages.chunk import CHUNKER_VERSION
+from knowstream.pipelines.stages.triples import TRIPLES_VERSION
+from knowstream.schemas.manifest import OffsetRange
+from knowstream.settings import Settings
+
+
+@dataclass
+class BatchReport:
+    messages: int
+    version: int | None  # None: nothing changed, no version published
+    offsets: list[OffsetRange]
+    counters: dict[str, int] = field(default_factory=dict)
+    dead_letters: list[dict] = field(default_factory=list)
+
+
+def model_versions(settings: Settings) -> dict[str, str]:
+    """Versions of everything that derives data from a document; recorded per snapshot."""
+    from knowstream.models.encoder import encoder_version
+
+    return {
+        "embedder": encoder_version(),
+        "amortizer": load_amortizer(settings.amortizer).version,
+        "chunker": f"{CHUNKER_VERSION}:{settings.chunk_tokens}/{settings.chunk_overlap}",
+        "triples": TRIPLES_VERSION,
+    }
+
+
+def fingerprint(versions: dict[str, str]) -> str:
+    """Dedup key part: a doc built by other models or settings is rebuilt."""
+    return hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def offset_ranges(records: list[KafkaRecord]) -> list[OffsetRange]:
+    spans: dict[tuple[str, int], list[int]] = {}
+    for r in records:
+        spans.setdefault((r.topic, r.partition), []).append(r.offset)
+    return [
+        OffsetRange(topic, partition, min(offs), max(offs) + 1)
+        for (topic, partition), offs in sorted(spans.items())
+    ]
+
+
+def _doc_id_hint(record: KafkaRecord) -> str | None:
+    """The doc id a record is about, for looking up its current state; parse validates."""
+    if record.key:
+        try:
+            return record.key.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        obj = json.loads(record.value or b"")
+        return (
+            obj.get("doc_id")
+            if isinstance(obj, dict) and isinstance(obj.get("doc_id"), str)
+            else None
+        )
+    except ValueError:
+        return None
+
+
+@task(name="pipeline", cache_policy=NO_CACHE)
+def pipeline_task(
+    settings: Settings, memory: Memory, records: list[KafkaRecord], parent: int | None
+):
+    versions = model_versions(settings)
+    doc_ids = sorted({d for d in map(_doc_id_hint, records) if d})
+    known = memory.known(parent, doc_ids)
+    staging = settings.staging_dir / uuid.uuid4().hex
+    result = run_batch(
+        settings,
+        [r.__dict__ for r in records],
+        known=known,
+        model=fingerprint(versions),
+        staging=staging,
+    )
+    get_run_logger().info(
+        "pipeline: %d messages -> %d upserts, %d deletes, %d dead letters; %s",
+        len(records),
+        result.staged.upserts,
+        result.staged.deletes,
+        len(result.staged.dead_letters),
+        result.counters,
+    )
+    return result, versions, staging
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(memory: Memory, result, versions, *, parent, kind, offsets, make_live):
+    info = memory.publish(
+        result.staged,
+        parent=parent,
+        kind=kind,
+        offsets=offsets,
+        model_versions=versions,
+        make_live=make_live,
+    )
+    get_run_logger().info("published memory version %d (parent %s)", info.version, parent)
+    return info.version
+
+
+def process_batch(
+    settings: Settings,
+    memory: Memory,
+    records: list[KafkaRecord],
+    *,
+    parent: int | None,
+    kind: str,
+    make_live: bool,
+) -> BatchReport:
+    """Pipeline, then publish if anything changed. Raises if either fails."""
+    result, versions, staging = pipeline_task(settings, memory, records, parent)
+    offsets = offset_ranges(records)
+    version = None
+    if result.staged.changes:
+        version = publish_task(
+            memory, result, versions, parent=parent, kind=kind, offsets=offsets, make_live=make_live
+        )
+    shutil.rmtree(staging, ignore_errors=True)  # kept only when a step failed
+    return BatchReport(len(records), version, offsets, result.counters, result.staged.dead_letters)

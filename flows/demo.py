@@ -1,0 +1,123 @@
+"""The walk-through behind ``make run``: the whole system once, on real parts.
+
+    knowstream --home .knowstream/demo demo --data data/sample
+
+1. start a local Kafka-protocol broker (tansu) on loopback,
+2. produce the sample stream, ingest it -> memory version 1, ask questions,
+3. produce a batch of updates, deletes and malformed messages, ingest -> version 2:
+   an answer's evidence changes, a deleted document is gone, bad messages are
+   in the dead-letter topic,
+4. roll back to version 1: the old evidence is served again,
+5. print the snapshot history, stop the broker.
+
+It starts from empty state in its own ``--home`` (refusing to wipe a folder it
+did not create) so that every run shows versions 1 and 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from rich.rule import Rule
+
+from knowstream.settings import Settings
+
+MARKER = ".knowstream-demo"  # only folders holding this are wiped
+
+
+def _fresh_home(home: Path) -> None:
+    if home.exists():
+        if not (home / MARKER).exists() and any(home.iterdir()):
+            raise SystemExit(f"{home} exists and was not made by the demo; pick another --home")
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    (home / MARKER).write_text("made by `knowstream demo`; wiped at its next run\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue  # the deliberately malformed lines
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def run_demo(settings: Settings, data: Path, console: Console) -> None:
+    from knowstream.cli import print_result, snapshot_table
+    from knowstream.connectors.kafka import count_messages, produce_file
+    from knowstream.flows.backfill import rollback_flow
+    from knowstream.flows.ingest import ingest_flow
+    from knowstream.infra import services
+    from knowstream.memory import Memory
+    from knowstream.query import query
+
+    _fresh_home(settings.home)
+    updates = _read_jsonl(data / "updates.jsonl")
+    changed = [
+        u["doc_id"]
+        for u in updates
+        if u.get("op", "upsert") == "upsert" and u.get("metadata", {}).get("change")
+    ]
+    deleted = [u["doc_id"] for u in updates if u.get("op") == "delete"]
+    changed_qs = [
+        q for q in _read_jsonl(data / "questions_updates.jsonl") if q["doc_id"] in changed
+    ][:2]
+    deleted_qs = [q for q in _read_jsonl(data / "questions.jsonl") if q["doc_id"] in deleted][:1]
+
+    console.print(Rule("1. start the broker"))
+    services.start_broker(settings)
+    try:
+        console.print(f"tansu broker on {settings.bootstrap_servers}")
+
+        console.print(Rule("2. stream the sample -> memory version 1"))
+        n = produce_file(settings, data / "stream.jsonl")
+        console.print(f"produced {n} document events to '{settings.topic}'")
+        with console.status(
+            "ingesting (parse, dedup, chunk, embed, triples, amortize, stage, publish)..."
+        ):
+            reports = ingest_flow(settings, once=True)
+        v1 = reports[-1].version
+        console.print(f"memory version {v1} is live")
+        memory = Memory(settings)
+        for q in changed_qs + deleted_qs:
+            print_result(query(memory, q["question"], k=3))
+
+        console.print(Rule("3. updates, deletes and malformed messages -> memory version 2"))
+        n = produce_file(settings, data / "updates.jsonl")
+        console.print(f"produced {n} messages")
+        with console.status("ingesting the update batch..."):
+            reports = ingest_flow(settings, once=True)
+        v2 = reports[-1].version
+        console.print(f"memory version {v2} is live")
+        for q in changed_qs:
+            print_result(query(memory, q["question"], k=3))
+            console.print(f"  [green]expected now:[/green] {q['answers'][0]}")
+        for d in deleted:
+            gone = d not in memory.view(v2).docs([d])
+            still = d in memory.view(v1).docs([d])
+            console.print(f"deleted {d}: gone from v{v2}: {gone}; still in v{v1}: {still}")
+        for q in deleted_qs:
+            result = query(memory, q["question"], k=3)
+            print_result(result)
+            cited = any(h.doc_id == q["doc_id"] for h in result.hits)
+            console.print(f"  evidence from {q['doc_id']}: {cited}")
+        dead = count_messages(settings, settings.dlq_topic)
+        console.print(f"dead letters on '{settings.dlq_topic}': {dead}")
+
+        console.print(Rule(f"4. roll back to version {v1}"))
+        rollback_flow(v1, settings)
+        for q in changed_qs:
+            print_result(query(memory, q["question"], k=3))
+
+        console.print(Rule("5. snapshot history"))
+        console.print(snapshot_table(memory.history()))
+    finally:
+        services.stop_all(settings)
+        console.print("services stopped")

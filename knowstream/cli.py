@@ -1,0 +1,317 @@
+"""The ``knowstream`` command line. ``knowstream --help`` lists the commands.
+
+Global options override the matching ``KNOWSTREAM_*`` environment variables;
+every command builds one :class:`Settings` from them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from knowstream.settings import Settings
+
+app = typer.Typer(
+    help="Keep a language model's knowledge current from a live document stream.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    home: Annotated[Path | None, typer.Option(help="Local state folder [KNOWSTREAM_HOME].")] = None,
+    bootstrap_servers: Annotated[
+        str | None, typer.Option(help="Kafka brokers [KNOWSTREAM_BOOTSTRAP_SERVERS].")
+    ] = None,
+    topic: Annotated[str | None, typer.Option(help="Document topic [KNOWSTREAM_TOPIC].")] = None,
+    qdrant_url: Annotated[
+        str | None, typer.Option(help="Qdrant server; default: local mode [KNOWSTREAM_QDRANT_URL].")
+    ] = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI; default: SQLite [KNOWSTREAM_MLFLOW_URI]."),
+    ] = None,
+) -> None:
+    overrides = {
+        k: v
+        for k, v in {
+            "home": home,
+            "bootstrap_servers": bootstrap_servers,
+            "topic": topic,
+            "qdrant_url": qdrant_url,
+            "mlflow_uri": mlflow_uri,
+        }.items()
+        if v is not None
+    }
+    ctx.obj = Settings(**overrides)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.obj
+
+
+# --- services ------------------------------------------------------------------------
+@app.command()
+def up(
+    ctx: typer.Context,
+    with_prefect_server: Annotated[bool, typer.Option(help="Also start a Prefect server.")] = False,
+    with_mlflow_server: Annotated[bool, typer.Option(help="Also start an MLflow server.")] = False,
+) -> None:
+    """Start the local broker (and optional servers) on loopback."""
+    from knowstream.infra import services
+
+    s = _settings(ctx)
+    with console.status("starting the Kafka-protocol broker (tansu)..."):
+        services.start_broker(s)
+    console.print(f"broker ready at {s.bootstrap_servers} ({s.broker_storage})")
+    if with_prefect_server:
+        with console.status("starting the Prefect server..."):
+            url = services.start_prefect_server(s)
+        console.print(f"prefect server ready: export PREFECT_API_URL={url}")
+    if with_mlflow_server:
+        with console.status("starting the MLflow server..."):
+            url = services.start_mlflow_server(s)
+        console.print(f"mlflow server ready: use --mlflow-uri {url}")
+
+
+@app.command()
+def down(ctx: typer.Context) -> None:
+    """Stop everything `up` started."""
+    from knowstream.infra import services
+
+    services.stop_all(_settings(ctx))
+    console.print("stopped")
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """Live version, consumer lag (read to the end), dead-letter count, broker state."""
+    from knowstream.connectors.kafka import consumer_lag, count_messages
+    from knowstream.infra import services
+    from knowstream.memory import Memory
+
+    s = _settings(ctx)
+    broker = services.broker_status(s)
+    table = Table(title="knowstream status", show_header=False)
+    table.add_row("broker", json.dumps(broker))
+    memory = Memory(s)
+    table.add_row("live version", str(memory.registry.live()))
+    try:
+        lag = consumer_lag(s, s.group_id)
+        table.add_row("consumer lag", str(lag["total"]))
+        table.add_row("dead letters", str(count_messages(s, s.dlq_topic)))
+    except Exception as e:  # broker down: say so, still show the rest
+        table.add_row("kafka", f"unreachable: {e}")
+    console.print(table)
+
+
+# --- data ------------------------------------------------------------------------------
+@app.command()
+def produce(ctx: typer.Context, file: Path) -> None:
+    """Send document events from a JSONL or Parquet FILE to the topic."""
+    from knowstream.connectors.kafka import produce_file
+
+    s = _settings(ctx)
+    with _progress() as bar:
+        task = bar.add_task(f"produce {file.name}", total=None)
+        n = produce_file(s, file, progress=lambda k: bar.update(task, completed=k))
+    console.print(f"sent {n} messages to {s.topic}")
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option(help="Drain what is on the topic, then exit.")] = False,
+    max_batches: Annotated[int | None, typer.Option(help="Stop after this many batches.")] = None,
+) -> None:
+    """Consume micro-batches, run the pipeline, publish snapshots, commit offsets."""
+    from knowstream.flows.ingest import ingest_flow
+
+    def show(report) -> None:
+        console.print(
+            f"batch of {report.messages} messages -> "
+            + (f"version {report.version}" if report.version else "no change")
+            + f" ({len(report.dead_letters)} dead letters)"
+        )
+
+    with console.status("ingesting..."):
+        ingest_flow(_settings(ctx), once=once, max_batches=max_batches, on_batch=show)
+
+
+def _partition_offsets(values: list[str] | None) -> dict[int, int] | None:
+    if not values:
+        return None
+    return {int(p): int(o) for p, o in (v.split(":") for v in values)}
+
+
+def _ms(ts: str | None) -> int | None:
+    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000) if ts else None
+
+
+@app.command()
+def backfill(
+    ctx: typer.Context,
+    from_offset: Annotated[
+        list[str] | None, typer.Option(help="PARTITION:OFFSET, inclusive.")
+    ] = None,
+    to_offset: Annotated[
+        list[str] | None, typer.Option(help="PARTITION:OFFSET, exclusive.")
+    ] = None,
+    from_time: Annotated[str | None, typer.Option(help="ISO-8601 start time.")] = None,
+    to_time: Annotated[str | None, typer.Option(help="ISO-8601 end time.")] = None,
+    archive: Annotated[Path | None, typer.Option(help="Replay a Parquet archive instead.")] = None,
+    base: Annotated[str, typer.Option(help="'live', 'none' or a version number.")] = "live",
+    amortizer: Annotated[
+        str | None, typer.Option(help="Amortizer checkpoint to build with.")
+    ] = None,
+    promote: Annotated[bool, typer.Option(help="Make the result live.")] = False,
+) -> None:
+    """Replay a range into a side line of versions without touching live."""
+    from knowstream.flows.backfill import backfill_flow
+
+    with console.status("backfilling..."):
+        report = backfill_flow(
+            _settings(ctx),
+            start=_partition_offsets(from_offset),
+            end=_partition_offsets(to_offset),
+            start_ts_ms=_ms(from_time),
+            end_ts_ms=_ms(to_time),
+            archive=str(archive) if archive else None,
+            base=base,
+            amortizer=amortizer,
+            promote=promote,
+        )
+    console.print(f"replayed {report.messages} records -> version {report.version}")
+
+
+@app.command()
+def promote(ctx: typer.Context, version: int) -> None:
+    """Make VERSION live."""
+    from knowstream.flows.backfill import promote_flow
+
+    promote_flow(version, _settings(ctx))
+    console.print(f"live -> version {version}")
+
+
+@app.command()
+def rollback(ctx: typer.Context, version: int) -> None:
+    """Point live back at an earlier VERSION (O(1): moves the alias)."""
+    from knowstream.flows.backfill import rollback_flow
+
+    rollback_flow(version, _settings(ctx))
+    console.print(f"rolled back: live -> version {version}")
+
+
+@app.command()
+def snapshots(ctx: typer.Context) -> None:
+    """The snapshot history as a table."""
+    from knowstream.memory import Memory
+
+    console.print(snapshot_table(Memory(_settings(ctx)).history()))
+
+
+@app.command()
+def ask(
+    ctx: typer.Context,
+    question: str,
+    version: Annotated[int | None, typer.Option(help="Memory version; default: live.")] = None,
+    k: Annotated[int, typer.Option(help="Chunks to retrieve.")] = 5,
+) -> None:
+    """Evidence chunks, source docs and related triples for QUESTION."""
+    from knowstream.memory import Memory
+    from knowstream.query import query
+
+    print_result(query(Memory(_settings(ctx)), question, version=version, k=k))
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="Folder with stream.jsonl, updates.jsonl.")] = Path(
+        "data/sample"
+    ),
+) -> None:
+    """The end-to-end walk-through that `make run` runs (fresh state under --home)."""
+    from knowstream.flows.demo import run_demo
+
+    run_demo(_settings(ctx), data, console)
+
+
+# --- rendering ---------------------------------------------------------------------------
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def snapshot_table(rows: list[dict]) -> Table:
+    table = Table(title="memory snapshots")
+    for col in (
+        "version",
+        "parent",
+        "kind",
+        "state",
+        "created",
+        "docs",
+        "chunks",
+        "triples",
+        "offsets",
+        "live",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            *(
+                ""
+                if r[c] is None
+                else ("✔" if r[c] is True else "" if r[c] is False else str(r[c]))
+                for c in (
+                    "version",
+                    "parent",
+                    "kind",
+                    "state",
+                    "created",
+                    "docs",
+                    "chunks",
+                    "triples",
+                    "offsets",
+                    "live",
+                )
+            )
+        )
+    return table
+
+
+def print_result(result) -> None:
+    console.print(
+        f"[bold]Q:[/bold] {result.question}   [dim](memory version {result.version})[/dim]"
+    )
+    table = Table(show_lines=False)
+    for col in ("score", "doc", "evidence"):
+        table.add_column(col)
+    for h in result.hits:
+        text = h.text if len(h.text) < 160 else h.text[:157] + "..."
+        table.add_row(f"{h.score:.3f}", h.doc_id, text)
+    console.print(table)
+    for t in result.triples[:3]:
+        console.print(
+            f"  triple: ({t['subject']}, {t['relation']}, {t['object']})  [dim]{t['doc_id']}[/dim]"
+        )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,177 @@
+"""MLflow as the registry of memory versions.
+
+A snapshot is a version of the registered model ``knowstream-memory``; MLflow
+assigns version numbers (monotonic, never reused). Each version points at a run
+that holds its artifacts: the batch delta as Parquet, and ``manifest.json``.
+The alias ``live`` is the pointer that serving follows; rollback moves it.
+
+A version goes through two states, kept in its ``state`` tag:
+
+- ``pending``: reserved, data being written. Invisible: nothing serves it, and
+  no published version has it in its lineage.
+- ``published``: all data written and the manifest's checksums verified; from
+  now on immutable. Only published versions can be made live.
+
+A version still ``pending`` whose writer died is ``abandoned`` by the next
+writer, after its data is purged (see ``knowstream.memory.recover``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from knowstream.schemas.manifest import SnapshotManifest
+from knowstream.settings import Settings
+
+EXPERIMENT = "knowstream-memory"
+LIVE = "live"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    parent: int | None
+    state: str  # pending | published | abandoned
+    kind: str  # ingest | backfill
+    created_at: str
+    owner: str  # host:pid of the writer, for pending versions
+    run_id: str
+    tags: dict[str, str]
+
+
+def _info(mv) -> VersionInfo:
+    t = mv.tags or {}
+    parent = t.get("parent", "")
+    return VersionInfo(
+        version=int(mv.version),
+        parent=int(parent) if parent else None,
+        state=t.get("state", "pending"),
+        kind=t.get("kind", ""),
+        created_at=t.get("created_at", ""),
+        owner=t.get("owner", ""),
+        run_id=mv.run_id or "",
+        tags=dict(t),
+    )
+
+
+class Registry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.memory_model
+        if not settings.mlflow_uri:
+            settings.home.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        self.client = MlflowClient(settings.tracking_uri)
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            # A local artifact root only for the embedded store; a server decides its own.
+            location = None if settings.mlflow_uri else settings.artifact_root.as_uri()
+            self.experiment_id = self.client.create_experiment(EXPERIMENT, location)
+        else:
+            self.experiment_id = exp.experiment_id
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(self.name)
+            except MlflowException:
+                pass  # another writer created it meanwhile
+
+    # --- writing ------------------------------------------------------------------
+    def reserve(self, parent: int | None, kind: str) -> tuple[int, str]:
+        """Take the next version number (pending) and a run for its artifacts."""
+        run = self.client.create_run(self.experiment_id, tags={"knowstream.kind": kind})
+        mv = self.client.create_model_version(
+            self.name,
+            source=f"{run.info.artifact_uri}/snapshot",
+            run_id=run.info.run_id,
+            tags={
+                "state": "pending",
+                "kind": kind,
+                "parent": "" if parent is None else str(parent),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "owner": f"{socket.gethostname()}:{os.getpid()}",
+            },
+        )
+        return int(mv.version), run.info.run_id
+
+    def log_artifacts(self, run_id: str, files: list[Path], manifest: SnapshotManifest) -> None:
+        for f in files:
+            self.client.log_artifact(run_id, str(f), "snapshot")
+        self.client.log_text(run_id, manifest.to_json(), "snapshot/manifest.json")
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        self.client.log_batch(
+            run_id,
+            params=[Param("version", str(manifest.version)), Param("parent", str(manifest.parent))],
+            metrics=[Metric(k, float(v), now, 0) for k, v in manifest.counts.items()],
+        )
+
+    def publish(self, version: int, run_id: str, manifest: SnapshotManifest) -> None:
+        """Mark a version published: from here on it is immutable and may go live."""
+        tags = {
+            "offsets": json.dumps([o.__dict__ for o in manifest.offsets]),
+            "counts": json.dumps(manifest.counts, sort_keys=True),
+            "model_versions": json.dumps(manifest.model_versions, sort_keys=True),
+            "content_checksum": manifest.checksums.get("content", ""),
+        }
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), k, v)
+        # The state tag goes last: a reader that sees "published" sees all the rest.
+        self.client.set_model_version_tag(self.name, str(version), "state", "published")
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def abandon(self, version: int) -> None:
+        self.client.set_model_version_tag(self.name, str(version), "state", "abandoned")
+        info = self.get(version)
+        if info.run_id:
+            self.client.set_terminated(info.run_id, "FAILED")
+
+    def set_live(self, version: int) -> None:
+        info = self.get(version)
+        if info.state != "published":
+            raise ValueError(f"version {version} is {info.state}, not published")
+        self.client.set_registered_model_alias(self.name, LIVE, str(version))
+
+    # --- reading ------------------------------------------------------------------
+    def versions(self) -> list[VersionInfo]:
+        mvs = self.client.search_model_versions(f"name='{self.name}'", max_results=100_000)
+        return sorted((_info(mv) for mv in mvs), key=lambda v: v.version)
+
+    def get(self, version: int) -> VersionInfo:
+        try:
+            return _info(self.client.get_model_version(self.name, str(version)))
+        except MlflowException:
+            raise KeyError(f"no memory version {version}") from None
+
+    def live(self) -> int | None:
+        try:
+            return int(self.client.get_model_version_by_alias(self.name, LIVE).version)
+        except MlflowException:
+            return None
+
+    def lineage(self, version: int) -> list[int]:
+        """The version and all its ancestors, newest first."""
+        by_version = {v.version: v for v in self.versions()}
+        chain: list[int] = []
+        current: int | None = version
+        while current is not None:
+            if current not in by_version:
+                raise KeyError(f"no memory version {current}")
+            chain.append(current)
+            current = by_version[current].parent
+        return chain
+
+    def manifest(self, version: int) -> SnapshotManifest:
+        info = self.get(version)
+        text = mlflow.artifacts.load_text(f"runs:/{info.run_id}/snapshot/manifest.json")
+        return SnapshotManifest.from_json(text)

@@ -1,0 +1,110 @@
+"""Read one memory version: point-in-time search, documents, triples, modulations."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from qdrant_client import QdrantClient
+
+from knowstream.connectors.qdrant._client import VECTOR, scroll_all, visible
+from knowstream.schemas.modulation import Modulation
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float
+    doc_id: str
+    chunk_id: str
+    title: str
+    text: str
+
+
+class VersionView:
+    """What one version sees. Cheap to build; holds no data."""
+
+    def __init__(self, client: QdrantClient, collection: str, lineage: Sequence[int]) -> None:
+        self.client, self.collection, self.lineage = client, collection, list(lineage)
+
+    def search(self, vector: Sequence[float], k: int = 5) -> list[Hit]:
+        res = self.client.query_points(
+            self.collection,
+            query=list(vector),
+            using=VECTOR,
+            query_filter=visible(self.lineage, kind="chunk"),
+            limit=k,
+            with_payload=True,
+        )
+        return [
+            Hit(
+                p.score,
+                p.payload["doc_id"],
+                p.payload["chunk_id"],
+                p.payload["title"],
+                p.payload["text"],
+            )
+            for p in res.points
+        ]
+
+    def docs(self, doc_ids: Sequence[str] = (), *, kind: str = "doc") -> dict[str, dict]:
+        """Payloads of visible doc (or tombstone) points, by doc id; all when no ids."""
+        flt = visible(self.lineage, kind=kind, doc_ids=doc_ids)
+        return {
+            p.payload["doc_id"]: p.payload for p in scroll_all(self.client, self.collection, flt)
+        }
+
+    def chunks(self, doc_id: str) -> list[dict]:
+        flt = visible(self.lineage, kind="chunk", doc_ids=[doc_id])
+        return sorted(
+            (p.payload for p in scroll_all(self.client, self.collection, flt)),
+            key=lambda c: c["index"],
+        )
+
+    def modulations(self, doc_ids: Sequence[str]) -> dict[str, Modulation]:
+        out = {}
+        for doc_id, doc in self.docs(doc_ids).items():
+            m = doc["modulation"]
+            out[doc_id] = Modulation.from_row(
+                {
+                    "doc_id": doc_id,
+                    "content_hash": doc["content_hash"],
+                    "amortizer_version": m["amortizer_version"],
+                    "shape": m["shape"],
+                    "dtype": m["dtype"],
+                    "data": base64.b64decode(m["data"]),
+                    "checksum": m["checksum"],
+                }
+            )
+        return out
+
+    def modulation_bank(self, doc_ids: Sequence[str]) -> np.ndarray:
+        """(N, T, d) entries of the given docs, in the given order (missing ones skipped)."""
+        mods = self.modulations(doc_ids)
+        return np.stack([mods[d].to_array() for d in doc_ids if d in mods])
+
+    def digest(self) -> str:
+        """sha256 over everything this version serves, independent of point ids and
+        of which version wrote each point: equal digests mean equal memories."""
+        rows = []
+        for p in scroll_all(self.client, self.collection, visible(self.lineage), with_vectors=True):
+            payload = {k: v for k, v in p.payload.items() if k not in ("version_from", "closed_in")}
+            vec = p.vector.get(VECTOR) if isinstance(p.vector, dict) else None
+            if vec is not None:
+                payload["_vector"] = [round(x, 5) for x in vec]
+            rows.append(json.dumps(payload, sort_keys=True, ensure_ascii=False))
+        h = hashlib.sha256()
+        for row in sorted(rows):
+            h.update(row.encode("utf-8"))
+        return h.hexdigest()
+
+    def counts(self) -> dict[str, int]:
+        out = {}
+        for kind in ("doc", "chunk"):
+            out[kind + "s"] = self.client.count(
+                self.collection, count_filter=visible(self.lineage, kind=kind), exact=True
+            ).count
+        return out

@@ -1,0 +1,245 @@
+"""The versioned memory: publish a batch as a new snapshot, read any version, move `live`.
+
+Qdrant holds the data of every version (see ``connectors/qdrant/_client.py``
+for the visibility model); MLflow holds the version records, their artifacts
+and lineage, and the ``live`` alias (see ``connectors/mlflow/_registry.py``).
+
+Publishing is atomic for readers: a version is written while ``pending``,
+verified, then marked ``published``, and only then may ``live`` point at it. A
+publish that fails part-way purges what it wrote and marks the version
+``abandoned``; one whose process died is cleaned up by the next writer's
+:meth:`Memory.recover`. Old versions are never modified: a new version only
+appends its own number to ``closed_in`` of the points it replaces, which no
+existing version's lineage contains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from knowstream.connectors.mlflow import Registry, VersionInfo
+from knowstream.connectors.qdrant import (
+    VersionView,
+    open_client,
+    purge_version,
+    visible,
+    write_version,
+)
+from knowstream.connectors.qdrant._client import scroll_all
+from knowstream.pipelines.stages.stage import StagedBatch
+from knowstream.schemas.manifest import OffsetRange, SnapshotManifest
+from knowstream.settings import Settings
+
+
+class PublishError(RuntimeError):
+    """The batch could not be published; nothing of it is visible."""
+
+
+def delta_checksum(batch: StagedBatch) -> str:
+    """sha256 over the batch's rows in a canonical order (independent of file encoding)."""
+    h = hashlib.sha256()
+    for name in ("docs", "chunks", "triples", "modulations"):
+        rows = []
+        for row in getattr(batch, name):
+            row = dict(row)
+            if "data" in row:  # modulation bytes: their checksum stands for them
+                row.pop("data")
+            if "embedding" in row:
+                row["embedding"] = [round(x, 5) for x in row["embedding"]]
+            rows.append(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False))
+        for r in sorted(rows):
+            h.update(name.encode() + b"\x00" + r.encode("utf-8"))
+    return h.hexdigest()
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Memory:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry(settings)
+        self.client = open_client(settings)
+        self.collection = settings.collection
+
+    # --- reading ------------------------------------------------------------------
+    def resolve(self, version: int | None = None) -> int:
+        """The given version if published, else the live one."""
+        if version is None:
+            live = self.registry.live()
+            if live is None:
+                raise LookupError("no live memory version yet: ingest something first")
+            return live
+        info = self.registry.get(version)
+        if info.state != "published":
+            raise LookupError(f"memory version {version} is {info.state}, not published")
+        return version
+
+    def view(self, version: int | None = None) -> VersionView:
+        v = self.resolve(version)
+        return VersionView(self.client, self.collection, self.registry.lineage(v))
+
+    def known(self, version: int | None, doc_ids: list[str]) -> dict[str, dict]:
+        """What ``version`` holds for these docs (doc or tombstone), for dedup."""
+        if version is None or not doc_ids:
+            return {}
+        flt = visible(self.registry.lineage(version), doc_ids=doc_ids)
+        out = {}
+        for p in scroll_all(self.client, self.collection, flt):
+            if p.payload["kind"] in ("doc", "tombstone"):
+                out[p.payload["doc_id"]] = {
+                    "kind": p.payload["kind"],
+                    "content_hash": p.payload["content_hash"],
+                    "published_at": p.payload["published_at"],
+                    "model": p.payload.get("model", ""),
+                }
+        return out
+
+    def history(self) -> list[dict]:
+        """One row per version, oldest first, for the `snapshots` table."""
+        live = self.registry.live()
+        rows = []
+        for v in self.registry.versions():
+            counts = json.loads(v.tags.get("counts", "{}"))
+            offsets = json.loads(v.tags.get("offsets", "[]"))
+            rows.append(
+                {
+                    "version": v.version,
+                    "parent": v.parent,
+                    "kind": v.kind,
+                    "state": v.state,
+                    "created": v.created_at,
+                    "docs": counts.get("docs"),
+                    "chunks": counts.get("chunks"),
+                    "triples": counts.get("triples"),
+                    "offsets": ", ".join(
+                        f"{o['topic']}[{o['partition']}] {o['start']}-{o['end'] - 1}"
+                        for o in offsets
+                    ),
+                    "live": v.version == live,
+                }
+            )
+        return rows
+
+    # --- writing ------------------------------------------------------------------
+    def recover(self, *, stale_after_s: float = 3600.0) -> list[int]:
+        """Purge versions left ``pending`` by writers that died; returns them.
+
+        A pending version is dead when its owner process on this host is gone,
+        or, for owners elsewhere, when it has been pending longer than
+        ``stale_after_s``.
+        """
+        purged = []
+        host = socket.gethostname()
+        now = datetime.now(UTC)
+        for v in self.registry.versions():
+            if v.state != "pending":
+                continue
+            owner_host, _, pid = v.owner.rpartition(":")
+            if owner_host == host and pid.isdigit():
+                dead = not _pid_alive(int(pid)) or int(pid) == os.getpid()
+            else:
+                age = (now - datetime.fromisoformat(v.created_at)).total_seconds()
+                dead = age > stale_after_s
+            if dead:
+                purge_version(self.client, self.collection, v.version)
+                self.registry.abandon(v.version)
+                purged.append(v.version)
+        return purged
+
+    def publish(
+        self,
+        batch: StagedBatch,
+        *,
+        parent: int | None,
+        kind: str,
+        offsets: list[OffsetRange],
+        model_versions: dict[str, str],
+        make_live: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> VersionInfo:
+        """Write ``batch`` as a new version on top of ``parent``; returns it, published."""
+        version, run_id = self.registry.reserve(parent, kind)
+        try:
+            parent_lineage = self.registry.lineage(parent) if parent is not None else []
+            closed = write_version(
+                self.client, self.collection, version, parent_lineage, batch, progress
+            )
+            parent_counts = (
+                json.loads(self.registry.get(parent).tags.get("counts", "{}")) if parent else {}
+            )
+            upserted = {d["doc_id"] for d in batch.docs if d["op"] == "upsert"}
+            counts = {
+                "docs": parent_counts.get("docs", 0) - closed["docs"] + len(upserted),
+                "chunks": parent_counts.get("chunks", 0) - closed["chunks"] + len(batch.chunks),
+                "triples": parent_counts.get("triples", 0) - closed["triples"] + len(batch.triples),
+                "batch_upserts": batch.upserts,
+                "batch_deletes": batch.deletes,
+                "batch_dead_letters": len(batch.dead_letters),
+            }
+            self._verify(version, parent_lineage, batch)
+            manifest = SnapshotManifest(
+                version=version,
+                parent=parent,
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                kind=kind,
+                offsets=offsets,
+                counts=counts,
+                model_versions=model_versions,
+                checksums={
+                    "delta": delta_checksum(batch),
+                    **{f.name: _file_sha256(f) for f in batch.files},
+                },
+            )
+            self.registry.log_artifacts(run_id, batch.files, manifest)
+            self.registry.publish(version, run_id, manifest)
+        except BaseException as e:
+            # Best effort now; recover() finishes the job if this fails too.
+            try:
+                purge_version(self.client, self.collection, version)
+                self.registry.abandon(version)
+            except Exception:
+                pass
+            if isinstance(e, Exception):
+                raise PublishError(f"publishing version {version} failed: {e}") from e
+            raise
+        if make_live:
+            self.registry.set_live(version)
+        return self.registry.get(version)
+
+    def _verify(self, version: int, parent_lineage: list[int], batch: StagedBatch) -> None:
+        """Read the new version back before it may be published."""
+        view = VersionView(self.client, self.collection, [version, *parent_lineage])
+        doc_ids = sorted({d["doc_id"] for d in batch.docs})
+        held = view.docs(doc_ids)
+        for d in batch.docs:
+            got = held.get(d["doc_id"])
+            if d["op"] == "upsert" and (got is None or got["content_hash"] != d["content_hash"]):
+                raise PublishError(f"verify: {d['doc_id']} not readable at version {version}")
+            if d["op"] == "delete" and got is not None:
+                raise PublishError(f"verify: deleted {d['doc_id']} still visible at {version}")
+        # Modulation.from_row checks every stored entry against its checksum.
+        view.modulations(list(held))
+
+    def set_live(self, version: int) -> None:
+        self.registry.set_live(version)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
