@@ -213,6 +213,19 @@ def rollback(ctx: typer.Context, version: int) -> None:
 
 
 @app.command()
+def deploy(
+    cron: Annotated[str, typer.Option(help="When to run, e.g. '0 3 * * *'.")],
+    base: Annotated[str, typer.Option(help="'live', 'none' or a version number.")] = "none",
+    amortizer: Annotated[str | None, typer.Option(help="Amortizer checkpoint.")] = None,
+    promote: Annotated[bool, typer.Option(help="Make each result live.")] = False,
+) -> None:
+    """Serve the backfill flow on a cron against a Prefect server (PREFECT_API_URL)."""
+    from knowstream.flows.deploy import backfill_deployment, serve
+
+    serve(backfill_deployment(cron, base=base, amortizer=amortizer, promote=promote))
+
+
+@app.command()
 def snapshots(ctx: typer.Context) -> None:
     """The snapshot history as a table."""
     from knowstream.memory import Memory
