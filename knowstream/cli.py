@@ -7,6 +7,7 @@ every command builds one :class:`Settings` from them.
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-console = Console()
+# Tables stay readable when output goes to a file or CI log (rich assumes 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 @app.callback()
@@ -316,8 +318,9 @@ def print_result(result) -> None:
     table = Table(show_lines=False)
     for col in ("score", "doc", "evidence"):
         table.add_column(col)
-    for h in result.hits:
-        text = h.text if len(h.text) < 160 else h.text[:157] + "..."
+    for i, h in enumerate(result.hits):
+        # The best hit in full (it is the evidence people read); the rest shortened.
+        text = h.text if i == 0 or len(h.text) < 120 else h.text[:117] + "..."
         table.add_row(f"{h.score:.3f}", h.doc_id, text)
     console.print(table)
     for t in result.triples[:3]:

@@ -118,7 +118,7 @@ class Memory:
                     "parent": v.parent,
                     "kind": v.kind,
                     "state": v.state,
-                    "created": v.created_at,
+                    "created": v.created_at.replace("T", " ")[:16],
                     "docs": counts.get("docs"),
                     "chunks": counts.get("chunks"),
                     "triples": counts.get("triples"),
