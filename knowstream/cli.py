@@ -250,6 +250,20 @@ def ask(
 
 
 @app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """HTTP API (OpenAPI docs at /docs) that follows the live version."""
+    import uvicorn
+
+    from knowstream.serving.app import create_app
+
+    uvicorn.run(create_app(_settings(ctx)), host=host, port=port, log_level="info")
+
+
+@app.command()
 def demo(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="Folder with stream.jsonl, updates.jsonl.")] = Path(

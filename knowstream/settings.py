@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Telemetry and hub lookups off before any of these libraries is imported:
@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     amortizer: str = "init"  # checkpoint path, or "init" (seeded, untrained weights)
     beam_args: list[str] = Field(default_factory=lambda: ["--runner=FnApiRunner"])
     torch_threads: int = 1  # on 2 busy cores one thread is often fastest
+
+    # --- serving ------------------------------------------------------------------
+    api_token: SecretStr | None = None  # bearer token for /ask and /admin; env only, never logged
 
     @property
     def dlq_topic(self) -> str:

@@ -1,0 +1,166 @@
+"""The HTTP API: answers from the memory version that ``live`` points at.
+
+    knowstream serve                       # http://127.0.0.1:8000/docs for the OpenAPI UI
+
+- ``POST /ask``: evidence chunks, source docs and related triples, plus a
+  generated answer for modes ``rag``, ``mac`` and ``mac+rag``.
+- ``GET /snapshots``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
+- ``POST /admin/live``: point ``live`` at a published version (promote or rollback).
+
+The server follows the ``live`` alias by polling the registry every few seconds,
+so ingest, promote and rollback reach it without a restart. A request reads the
+live version once, at its start, and uses that version to the end: it never
+mixes two snapshots. With ``KNOWSTREAM_API_TOKEN`` set, ``/ask`` and
+``/admin/*`` require ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from knowstream.memory import Memory
+from knowstream.query import query
+from knowstream.settings import Settings
+
+
+class AskRequest(BaseModel):
+    question: str = Field(min_length=1, max_length=2000)
+    version: int | None = Field(default=None, description="Memory version; default: live.")
+    k: int = Field(default=5, ge=1, le=50, description="Chunks to retrieve.")
+    mode: Literal["evidence", "rag", "mac", "mac+rag"] = "evidence"
+
+
+class LiveRequest(BaseModel):
+    version: int
+
+
+class LiveVersion:
+    """The version ``live`` points at, refreshed in the background."""
+
+    def __init__(self, memory: Memory, interval_s: float) -> None:
+        self.memory, self.interval_s = memory, interval_s
+        self.current: int | None = memory.registry.live()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-version", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def refresh(self) -> int | None:
+        self.current = self.memory.registry.live()
+        return self.current
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception:  # registry briefly unreachable: keep serving the last version
+                pass
+
+
+def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
+    memory = Memory(settings)
+    live = LiveVersion(memory, poll_s)
+    # Qdrant local mode is one embedded engine: serialize reads through it.
+    reads = threading.Lock() if not settings.qdrant_url else None
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+
+    metrics = CollectorRegistry()
+    requests = Counter(
+        "knowstream_requests", "HTTP requests", ["endpoint", "status"], registry=metrics
+    )
+    latency = Histogram("knowstream_ask_seconds", "Latency of /ask", ["mode"], registry=metrics)
+    live_gauge = Gauge("knowstream_live_version", "Version that live points at", registry=metrics)
+
+    def authorized(authorization: str | None = Header(default=None)) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    app = FastAPI(
+        title="knowstream",
+        description="Answers from versioned memory snapshots of a live document stream.",
+        on_startup=[live.start],
+        on_shutdown=[live.stop],
+    )
+    app.state.live = live
+
+    @app.post("/ask", dependencies=[Depends(authorized)])
+    def ask(req: AskRequest) -> dict:
+        started = time.perf_counter()
+        version = req.version if req.version is not None else live.current
+        if version is None:
+            requests.labels("ask", "503").inc()
+            raise HTTPException(503, "no live memory version yet")
+        try:
+            with reads or _nothing():
+                result = query(memory, req.question, version=version, k=req.k)
+                bank = None
+                if req.mode in ("mac", "mac+rag"):
+                    doc_ids = list(dict.fromkeys(h.doc_id for h in result.hits))
+                    bank = memory.view(version).modulation_bank(doc_ids) if doc_ids else None
+        except (LookupError, KeyError) as e:
+            requests.labels("ask", "404").inc()
+            raise HTTPException(404, str(e)) from None
+        answer = None
+        if req.mode != "evidence":
+            from knowstream.serving.generate import Generator
+
+            generator = Generator.get(settings.amortizer)
+            answer = generator.answer(req.question, req.mode, [h.text for h in result.hits], bank)
+        requests.labels("ask", "200").inc()
+        latency.labels(req.mode).observe(time.perf_counter() - started)
+        return {
+            "question": req.question,
+            "answer": answer,
+            "mode": req.mode,
+            "version": result.version,
+            "evidence": [h.__dict__ for h in result.hits],
+            "docs": result.docs,
+            "triples": result.triples,
+        }
+
+    @app.get("/snapshots")
+    def snapshots() -> list[dict]:
+        requests.labels("snapshots", "200").inc()
+        return memory.history()
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "live": live.current}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> str:
+        live_gauge.set(live.current or 0)
+        return generate_latest(metrics).decode()
+
+    @app.post("/admin/live", dependencies=[Depends(authorized)])
+    def set_live(req: LiveRequest) -> dict:
+        try:
+            memory.set_live(req.version)
+        except (ValueError, KeyError) as e:
+            raise HTTPException(409, str(e)) from None
+        return {"live": live.refresh()}
+
+    return app
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

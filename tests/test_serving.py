@@ -1,0 +1,71 @@
+"""The HTTP API on a real memory: versions, following live, auth, metrics, generation."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from knowstream.connectors.kafka import produce_file
+from knowstream.connectors.qdrant import close_clients
+from knowstream.flows.ingest import ingest_flow
+from knowstream.serving.app import create_app
+from tests.test_memory_e2e import UPDATE, fresh, sample_events, write_jsonl
+
+QUESTION = "What was the final score of Super Bowl 50?"
+
+
+@pytest.fixture(scope="module")
+def served(broker, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    settings = fresh(broker, tmp).model_copy(update={"api_token": SecretStr("s3cret")})
+    produce_file(settings, write_jsonl(tmp / "a.jsonl", sample_events(5)))
+    ingest_flow(settings, once=True)
+    produce_file(settings, write_jsonl(tmp / "b.jsonl", [UPDATE]))
+    ingest_flow(settings, once=True)
+    with TestClient(create_app(settings, poll_s=0.2)) as client:
+        client.headers["Authorization"] = "Bearer s3cret"
+        yield client
+    close_clients()
+
+
+def test_ask_serves_live_and_pinned_versions(served):
+    live = served.post("/ask", json={"question": QUESTION, "k": 2}).json()
+    assert live["version"] == 2 and live["answer"] is None
+    assert any("27–23" in e["text"] for e in live["evidence"])
+    old = served.post("/ask", json={"question": QUESTION, "k": 2, "version": 1}).json()
+    assert old["version"] == 1 and any("24–10" in e["text"] for e in old["evidence"])
+    assert served.post("/ask", json={"question": QUESTION, "version": 99}).status_code == 404
+    assert served.post("/ask", json={"question": ""}).status_code == 422
+
+
+def test_follows_live_after_admin_rollback(served):
+    assert served.post("/admin/live", json={"version": 1}).json() == {"live": 1}
+    try:
+        assert served.post("/ask", json={"question": QUESTION}).json()["version"] == 1
+    finally:
+        served.post("/admin/live", json={"version": 2})
+    assert served.get("/healthz").json() == {"status": "ok", "live": 2}
+    assert served.post("/admin/live", json={"version": 42}).status_code == 409
+
+
+def test_auth_snapshots_and_metrics(served):
+    assert (
+        served.post("/ask", json={"question": QUESTION}, headers={"Authorization": ""}).status_code
+        == 401
+    )
+    wrong = {"Authorization": "Bearer nope"}
+    assert served.post("/admin/live", json={"version": 1}, headers=wrong).status_code == 401
+    rows = served.get("/snapshots").json()
+    assert [r["version"] for r in rows] == [1, 2]
+    text = served.get("/metrics").text
+    assert (
+        "knowstream_live_version 2.0" in text and 'knowstream_requests_total{endpoint="ask"' in text
+    )
+    assert "/ask" in served.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("mode", ["rag", "mac", "mac+rag"])
+def test_generation_modes_answer_from_the_frozen_lm(served, mode):
+    body = served.post("/ask", json={"question": QUESTION, "k": 2, "mode": mode}).json()
+    assert body["mode"] == mode and isinstance(body["answer"], str) and body["answer"]
