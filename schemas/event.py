@@ -88,6 +88,12 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _reject_constant(name: str) -> Any:
+    # json.loads accepts NaN and Infinity, which are not JSON: other readers of
+    # the staged metadata (and Qdrant payloads) would choke on them.
+    raise InvalidEvent("invalid_json", f"{name} is not a JSON value")
+
+
 def _depth(value: Any, limit: int) -> int:
     """Nesting depth of JSON containers, stopping early past ``limit``."""
     stack = [(value, 1)]
@@ -114,21 +120,25 @@ def _check_doc_id(doc_id: Any) -> str:
     # like paths or carry control characters are almost always upstream bugs.
     if "/" in doc_id or "\\" in doc_id or ".." in doc_id:
         raise InvalidEvent("bad_doc_id", "doc_id contains a path separator or '..'")
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in doc_id):
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in doc_id):
         raise InvalidEvent("bad_doc_id", "doc_id contains control or format characters")
     return doc_id
 
 
 def _check_text(name: str, value: Any, *, required: bool, max_chars: int) -> str:
-    if value is None and not required:
-        return ""
+    if value is None:  # absent or null
+        if not required:
+            return ""
+        raise InvalidEvent(f"empty_{name}", f"no {name}")
     if not isinstance(value, str):
         raise InvalidEvent("bad_type", f"{name} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise InvalidEvent(f"empty_{name}", f"{name} is empty")
     if len(value) > max_chars:
         raise InvalidEvent("too_large", f"{name} is {len(value)} chars (max {max_chars})")
-    return _clean(value)
+    value = _clean(value)
+    # After cleaning: a text of only control or format characters is empty too.
+    if required and not value.strip():
+        raise InvalidEvent(f"empty_{name}", f"{name} is empty")
+    return value
 
 
 def _clean(text: str) -> str:
@@ -152,7 +162,10 @@ def _check_time(value: Any, now: datetime) -> datetime | None:
         raise InvalidEvent("bad_published_at", f"not ISO-8601: {value[:64]!r}") from None
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
-    ts = ts.astimezone(UTC)
+    try:
+        ts = ts.astimezone(UTC)
+    except OverflowError:  # e.g. year 9999 at -05:00 is past datetime.max in UTC
+        raise InvalidEvent("bad_published_at", f"out of range: {value[:64]!r}") from None
     if ts > now + MAX_FUTURE:
         raise InvalidEvent("bad_published_at", f"published_at {value!r} is in the future")
     return ts
@@ -182,7 +195,9 @@ def parse_event(
             "not_utf8", f"message is not UTF-8 ({e.reason} at byte {e.start})"
         ) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        obj = json.loads(
+            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+        )
     except InvalidEvent:
         raise
     except (ValueError, RecursionError) as e:
@@ -209,12 +224,18 @@ def parse_event(
     if op == "delete":
         return DocumentEvent(doc_id=doc_id, op="delete", published_at=published_at)
 
-    metadata = obj.get("metadata") or {}
-    if not isinstance(metadata, dict):
+    metadata = obj.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):  # "", [] and 0 too: no silent {}
         raise InvalidEvent("bad_type", f"metadata must be an object, got {type(metadata).__name__}")
     if _depth(metadata, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
         raise InvalidEvent("too_deep", f"metadata nested deeper than {MAX_METADATA_DEPTH}")
-    if len(json.dumps(metadata, ensure_ascii=False)) > MAX_METADATA_BYTES:
+    try:
+        metadata_bytes = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): no UTF-8 writer takes it
+        raise InvalidEvent("not_utf8", "metadata holds a lone surrogate") from None
+    if metadata_bytes > MAX_METADATA_BYTES:
         raise InvalidEvent("too_large", f"metadata over {MAX_METADATA_BYTES} bytes")
     return DocumentEvent(
         doc_id=doc_id,

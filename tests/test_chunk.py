@@ -149,3 +149,76 @@ def test_slow_tokenizer_is_rejected():
 
     with pytest.raises(ValueError, match="fast tokenizer"):
         chunk_spans(SUPER_BOWL, SlowTokenizer(), max_tokens=16, overlap=4)
+
+
+def test_chunk_dofn_in_pipeline(tokenizer):
+    """The Chunk DoFn in a real Beam pipeline: doc rows and chunk records of upserts."""
+    from datetime import UTC, datetime
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from knowstream.pipelines.stages.chunk import Chunk
+    from knowstream.schemas.chunk import chunk_id
+    from knowstream.schemas.event import DocumentEvent
+
+    when = datetime(2016, 6, 1, tzinfo=UTC)
+    events = [
+        DocumentEvent(doc_id="long", op="upsert", text=SUPER_BOWL, published_at=when),
+        DocumentEvent(doc_id="short", op="upsert", text="  The Broncos won.  "),
+    ]
+    sourced = [
+        {"event": e, "topic": "docs", "partition": 0, "offset": i} for i, e in enumerate(events)
+    ]
+
+    def expected(e: DocumentEvent, offset: int) -> tuple:
+        spans = chunk_spans(e.text, tokenizer, max_tokens=32, overlap=8)
+        chunks = tuple(
+            (
+                chunk_id(e.doc_id, s.index, e.content_hash),
+                s.index,
+                e.text[s.char_start : s.char_end],
+                s.char_start,
+                s.char_end,
+                s.n_tokens,
+                e.content_hash,
+            )
+            for s in spans
+        )
+        return (e.doc_id, "upsert", "model-a", len(spans), offset, e.text, e.published_at, chunks)
+
+    def summary(out: dict) -> tuple:
+        doc = out["doc"]
+        chunks = tuple(
+            (
+                c["chunk_id"],
+                c["index"],
+                c["text"],
+                c["char_start"],
+                c["char_end"],
+                c["n_tokens"],
+                c["content_hash"],
+            )
+            for c in out["chunks"]
+        )
+        assert all(c["doc_id"] == doc["doc_id"] for c in out["chunks"])
+        return (
+            *(doc[k] for k in ("doc_id", "op", "model", "n_chunks", "offset")),
+            out["text"],
+            out["published_at"],
+            chunks,
+        )
+
+    want = [expected(e, i) for i, e in enumerate(events)]
+    assert want[0][3] > 1 and want[1][3] == 1  # the long text is split, the short one is not
+    options = PipelineOptions(["--runner=FnApiRunner"])
+    with BeamTestPipeline(options=options) as p:
+        out = (
+            p
+            | beam.Create(sourced)
+            | beam.ParDo(Chunk(max_tokens=32, overlap=8, model="model-a"))
+            | beam.Map(summary)
+        )
+        assert_that(out, equal_to(want))

@@ -14,7 +14,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -420,7 +420,7 @@ def test_parse_dofn_routes_bad_records_to_dead_letters():
         record(6, b"d", enc({"doc_id": "d", "op": "delete"})),
     ]
     options = PipelineOptions(["--runner=FnApiRunner"])
-    with TestPipeline(options=options) as p:
+    with BeamTestPipeline(options=options) as p:
         out = (
             p
             | beam.Create(records)

@@ -182,3 +182,50 @@ def test_deterministic_and_cached(nlp: Language):
     assert extract_facts(nlp, SUPER_BOWL_50_0) == extract_facts(nlp, SUPER_BOWL_50_0)
     assert all(isinstance(f, Fact) for f in extract_facts(nlp, SUPER_BOWL_50_0))
     assert TRIPLES_VERSION.startswith("rules-")
+
+
+def test_triples_dofn_in_pipeline(nlp: Language):
+    """The Triples DoFn in a real Beam pipeline: facts land in the chunk of their sentence."""
+    from datetime import UTC, datetime
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from knowstream.pipelines.stages.triples import Triples
+    from knowstream.schemas.triple import TRIPLE_SCHEMA
+
+    when = datetime(2016, 6, 1, tzinfo=UTC)
+    cut = SUPER_BOWL_50_0.index("The American")  # chunk 0: sentence one; chunk 1: the rest
+    chunks = [
+        {"chunk_id": "c0", "char_start": 0, "char_end": cut - 1},
+        {"chunk_id": "c1", "char_start": cut, "char_end": len(SUPER_BOWL_50_0)},
+    ]
+    batch = [
+        {"doc": {"doc_id": "sb"}, "text": SUPER_BOWL_50_0, "published_at": when, "chunks": chunks},
+        {"doc": {"doc_id": "empty"}, "text": "", "published_at": None, "chunks": []},
+        {"doc": {"doc_id": "unchunked"}, "text": "He won.", "published_at": None, "chunks": []},
+    ]
+    facts = extract_facts(nlp, SUPER_BOWL_50_0)
+    want = [
+        {
+            "subject": f.subject,
+            "relation": f.relation,
+            "object": f.object,
+            "doc_id": "sb",
+            "chunk_id": "c0" if f.char_start < cut else "c1",
+            "confidence": f.confidence,
+            "observed_at": when,
+        }
+        for f in facts
+    ]
+    homes = {(r["subject"], r["relation"], r["object"]): r["chunk_id"] for r in want}
+    assert homes[("Denver Broncos", "defeat", "Carolina Panthers")] == "c1"
+    assert "c0" in homes.values()
+    assert all(list(r) == TRIPLE_SCHEMA.names for r in want)
+
+    options = PipelineOptions(["--runner=FnApiRunner"])
+    with BeamTestPipeline(options=options) as p:
+        rows = p | beam.Create([batch]) | beam.ParDo(Triples())
+        assert_that(rows, equal_to(want))
