@@ -6,21 +6,54 @@
 Per micro-batch: poll until an empty poll (or the batch cap), run the Beam
 pipeline, publish a snapshot and move ``live`` to it, send dead letters, and
 only then commit the offsets. A failure anywhere before the commit leaves the
-offsets where they were: the batch is redelivered and, since every write is
-idempotent and a failed publish is purged, nothing is lost or duplicated.
+offsets where they were: the batch is redelivered and, since a failed publish
+is purged and a replayed batch rebuilds the same content, nothing is lost or
+duplicated.
+
+Outages (broker, MLflow, Qdrant) are retried with exponential backoff: the
+consumer is dropped and rejoined, so the retry starts again from the committed
+offsets. Continuous ingestion retries until the service is back; ``--once``
+gives up after ``Settings.retry_attempts``. The worker's condition (running,
+retrying with the last error, stopped) is kept in ``<home>/run/ingest.json``
+for ``knowstream status``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
+from tenacity import RetryCallState, Retrying, stop_after_attempt, stop_never, wait_exponential
 
 from knowstream.connectors.kafka import BatchConsumer, ensure_topics, send_dead_letters
 from knowstream.flows.batch import BatchReport, process_batch
 from knowstream.memory import Memory
 from knowstream.settings import Settings
+
+
+def health_path(settings: Settings):
+    return settings.run_dir / "ingest.json"
+
+
+def write_health(settings: Settings, **fields) -> None:
+    """Atomically replace the worker's health record."""
+    path = health_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"pid": os.getpid(), "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**record, **fields}, default=str))
+    tmp.replace(path)
+
+
+def read_health(settings: Settings) -> dict | None:
+    try:
+        return json.loads(health_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @flow(name="ingest", log_prints=True)
@@ -33,19 +66,24 @@ def ingest_flow(
 ) -> list[BatchReport]:
     settings = settings or Settings()
     log = get_run_logger()
-    memory = Memory(settings)
-    if purged := memory.recover():
-        log.warning("purged versions left pending by dead writers: %s", purged)
-    ensure_topics(settings, [settings.topic, settings.dlq_topic], settings.partitions)
     reports: list[BatchReport] = []
-    with BatchConsumer(settings, settings.group_id) as consumer:
-        while max_batches is None or len(reports) < max_batches:
+    consumer: BatchConsumer | None = None
+    memory: Memory | None = None
+
+    def one_batch() -> BatchReport | None:
+        """Poll, process, publish, dead-letter, commit. None when the topic is drained."""
+        nonlocal consumer, memory
+        try:
+            if memory is None:
+                memory = Memory(settings)
+                if purged := memory.recover():
+                    log.warning("purged versions left pending by dead writers: %s", purged)
+            if consumer is None:
+                ensure_topics(settings, [settings.topic, settings.dlq_topic], settings.partitions)
+                consumer = BatchConsumer(settings, settings.group_id)
             records = consumer.poll_batch(settings.max_batch_messages)
             if not records:
-                if once:
-                    break
-                time.sleep(idle_sleep_s)
-                continue
+                return None
             report = process_batch(
                 settings,
                 memory,
@@ -57,7 +95,51 @@ def ingest_flow(
             if report.dead_letters:
                 send_dead_letters(settings, report.dead_letters)
             consumer.commit(records)
+            return report
+        except BaseException:
+            # Drop the group membership: the retry resumes from the committed offsets.
+            if consumer is not None:
+                consumer.close()
+                consumer = None
+            raise
+
+    def retrying(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("batch failed (attempt %d), retrying: %r", state.attempt_number, error)
+        write_health(
+            settings, state="retrying", attempt=state.attempt_number, last_error=repr(error)
+        )
+
+    retry = Retrying(
+        stop=stop_never if not once else stop_after_attempt(settings.retry_attempts),
+        wait=wait_exponential(multiplier=settings.retry_base_s, max=settings.retry_max_s),
+        before_sleep=retrying,
+        reraise=True,
+    )
+    write_health(settings, state="running", batches=0)
+    try:
+        while max_batches is None or len(reports) < max_batches:
+            report = retry(one_batch)
+            if report is None:
+                if once:
+                    break
+                time.sleep(idle_sleep_s)
+                continue
             reports.append(report)
+            write_health(
+                settings,
+                state="running",
+                batches=len(reports),
+                last_version=report.version,
+                last_offsets=[o.__dict__ for o in report.offsets],
+            )
             if on_batch:
                 on_batch(report)
+    except BaseException as e:
+        write_health(settings, state="failed", batches=len(reports), last_error=repr(e))
+        raise
+    finally:
+        if consumer is not None:
+            consumer.close()
+    write_health(settings, state="stopped", batches=len(reports))
     return reports

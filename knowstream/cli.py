@@ -99,6 +99,7 @@ def down(ctx: typer.Context) -> None:
 def status(ctx: typer.Context) -> None:
     """Live version, consumer lag (read to the end), dead-letter count, broker state."""
     from knowstream.connectors.kafka import consumer_lag, count_messages
+    from knowstream.flows.ingest import read_health
     from knowstream.infra import services
     from knowstream.memory import Memory
 
@@ -108,6 +109,8 @@ def status(ctx: typer.Context) -> None:
     table.add_row("broker", json.dumps(broker))
     memory = Memory(s)
     table.add_row("live version", str(memory.registry.live()))
+    health = read_health(s)
+    table.add_row("ingest worker", json.dumps(health) if health else "never ran here")
     try:
         lag = consumer_lag(s, s.group_id)
         table.add_row("consumer lag", str(lag["total"]))

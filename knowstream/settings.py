@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_batch_messages: int = 5000  # micro-batch cap
     poll_timeout_ms: int = 1500  # an empty poll this long ends a micro-batch
     session_timeout_ms: int = 6000  # tansu joins take ~half of this; keep it small
+    retry_attempts: int = 3  # `ingest --once` gives up after this many tries of a batch
+    retry_base_s: float = 1.0  # first backoff; doubles each retry
+    retry_max_s: float = 60.0  # backoff cap (continuous ingest retries forever)
     broker_storage: str = "memory://tansu/"  # `knowstream up`: memory:// or s3://bucket/
 
     # --- Qdrant -------------------------------------------------------------------

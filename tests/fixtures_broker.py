@@ -8,6 +8,7 @@ other's messages or offsets.
 
 from __future__ import annotations
 
+import random
 import socket
 import uuid
 from collections.abc import Iterator
@@ -20,10 +21,22 @@ from knowstream.settings import Settings
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port nobody listens on right now.
+
+    Drawn below Linux's ephemeral range (32768-60999): a port the OS hands out
+    for binding port 0 is also one it may pick as the source port of any
+    outgoing connection meanwhile, which made services fail to bind at random.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32000")
 
 
 def local_settings(home: Path, **overrides: object) -> Settings:

@@ -22,7 +22,7 @@ from knowstream.connectors.kafka import (
 from knowstream.connectors.qdrant import close_clients
 from knowstream.connectors.qdrant._client import scroll_all
 from knowstream.flows.backfill import backfill_flow, promote_flow, rollback_flow
-from knowstream.flows.ingest import ingest_flow
+from knowstream.flows.ingest import ingest_flow, read_health
 from knowstream.memory import Memory, PublishError
 from knowstream.query import query
 
@@ -220,7 +220,7 @@ def test_backfill_leaves_live_alone_until_promoted(broker, tmp_path):
 
 
 def test_failed_publish_commits_no_offsets_and_publishes_nothing(broker, tmp_path):
-    settings = fresh(broker, tmp_path)
+    settings = fresh(broker, tmp_path).model_copy(update={"retry_attempts": 2, "retry_base_s": 0.1})
     produce_file(settings, write_jsonl(tmp_path / "f.jsonl", sample_events(3)))
     memory = Memory(settings)
     # A real failure after the data is written: the artifact store is unwritable
@@ -233,10 +233,12 @@ def test_failed_publish_commits_no_offsets_and_publishes_nothing(broker, tmp_pat
     assert committed_offsets(settings, settings.group_id) in ({}, {0: 0})
     assert memory.registry.live() is None
     states = [v.state for v in memory.registry.versions()]
-    assert states == ["abandoned"]
+    assert states == ["abandoned", "abandoned"]  # each attempt failed cleanly
+    health = read_health(settings)
+    assert health["state"] == "failed" and "PublishError" in health["last_error"]
     assert memory.client.count(memory.collection, exact=True).count == 0  # purged
     # The store comes back; the same batch is redelivered and published.
     root.unlink()
     reports = ingest_flow(settings, once=True)
-    assert reports[-1].version == 2 and memory.registry.live() == 2
+    assert reports[-1].version == 3 and memory.registry.live() == 3
     assert len(memory.view().docs()) == 3
