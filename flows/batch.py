@@ -115,6 +115,7 @@ def publish_task(memory: Memory, result, versions, *, parent, kind, offsets, mak
         offsets=offsets,
         model_versions=versions,
         make_live=make_live,
+        require_live_parent=kind == "ingest",
     )
     get_run_logger().info("published memory version %d (parent %s)", info.version, parent)
     return info.version

@@ -15,11 +15,13 @@ existing version's lineage contains.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from knowstream.connectors.mlflow import Registry, VersionInfo
@@ -38,6 +40,10 @@ from knowstream.settings import Settings
 
 class PublishError(RuntimeError):
     """The batch could not be published; nothing of it is visible."""
+
+
+class StaleParent(RuntimeError):
+    """``live`` moved while the batch was being processed; rerun it on the new live."""
 
 
 def delta_checksum(batch: StagedBatch) -> str:
@@ -166,9 +172,34 @@ class Memory:
         offsets: list[OffsetRange],
         model_versions: dict[str, str],
         make_live: bool,
+        require_live_parent: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> VersionInfo:
-        """Write ``batch`` as a new version on top of ``parent``; returns it, published."""
+        """Write ``batch`` as a new version on top of ``parent``; returns it, published.
+
+        With ``require_live_parent`` (ingest), ``parent`` must still be live when
+        the publish starts (compare-and-set): two workers that processed batches against the same
+        live version cannot both publish on it, or the second would silently drop
+        the first one's changes. The loser gets :class:`StaleParent` and reruns its
+        batch against the new live. Publishes of one home are serialized by a
+        file lock; across hosts, run one publishing worker per memory.
+        """
+        with self._publish_lock():
+            if require_live_parent and self.registry.live() != parent:
+                raise StaleParent(f"live is {self.registry.live()}, batch was built on {parent}")
+            return self._publish(batch, parent, kind, offsets, model_versions, make_live, progress)
+
+    @contextmanager
+    def _publish_lock(self) -> Iterator[None]:
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.run_dir / "publish.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _publish(self, batch, parent, kind, offsets, model_versions, make_live, progress):
         version, run_id = self.registry.reserve(parent, kind)
         try:
             parent_lineage = self.registry.lineage(parent) if parent is not None else []

@@ -23,7 +23,8 @@ from knowstream.connectors.qdrant import close_clients
 from knowstream.connectors.qdrant._client import scroll_all
 from knowstream.flows.backfill import backfill_flow, promote_flow, rollback_flow
 from knowstream.flows.ingest import ingest_flow, read_health
-from knowstream.memory import Memory, PublishError
+from knowstream.memory import Memory, PublishError, StaleParent
+from knowstream.pipelines.stages.stage import StagedBatch
 from knowstream.query import query
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -242,3 +243,21 @@ def test_failed_publish_commits_no_offsets_and_publishes_nothing(broker, tmp_pat
     reports = ingest_flow(settings, once=True)
     assert reports[-1].version == 3 and memory.registry.live() == 3
     assert len(memory.view().docs()) == 3
+
+
+def test_publish_on_a_stale_live_is_refused(built):
+    """Compare-and-set: a batch built on an older live must not become live."""
+    memory = built["memory"]
+    live = memory.registry.live()
+    before = len(memory.registry.versions())
+    with pytest.raises(StaleParent):
+        memory.publish(
+            StagedBatch(),
+            parent=live - 1,
+            kind="ingest",
+            offsets=[],
+            model_versions={},
+            make_live=True,
+            require_live_parent=True,
+        )
+    assert memory.registry.live() == live and len(memory.registry.versions()) == before
