@@ -290,41 +290,32 @@ def _progress() -> Progress:
     )
 
 
+SNAPSHOT_COLUMNS = (
+    "version",
+    "parent",
+    "kind",
+    "state",
+    "created",
+    "docs",
+    "chunks",
+    "triples",
+    "offsets",
+    "live",
+)
+
+
+def _cell(value: object) -> str:
+    if value is None or value is False:
+        return ""
+    return "✔" if value is True else str(value)
+
+
 def snapshot_table(rows: list[dict]) -> Table:
     table = Table(title="memory snapshots")
-    for col in (
-        "version",
-        "parent",
-        "kind",
-        "state",
-        "created",
-        "docs",
-        "chunks",
-        "triples",
-        "offsets",
-        "live",
-    ):
+    for col in SNAPSHOT_COLUMNS:
         table.add_column(col)
     for r in rows:
-        table.add_row(
-            *(
-                ""
-                if r[c] is None
-                else ("✔" if r[c] is True else "" if r[c] is False else str(r[c]))
-                for c in (
-                    "version",
-                    "parent",
-                    "kind",
-                    "state",
-                    "created",
-                    "docs",
-                    "chunks",
-                    "triples",
-                    "offsets",
-                    "live",
-                )
-            )
-        )
+        table.add_row(*(_cell(r[c]) for c in SNAPSHOT_COLUMNS))
     return table
 
 
