@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -49,6 +50,18 @@ def write_health(settings: Settings, **fields) -> None:
     tmp.replace(path)
 
 
+def _require_broker(settings: Settings, timeout_s: float = 2.0) -> None:
+    """Raise ``ConnectionError`` unless some bootstrap server accepts a connection."""
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+                return
+        except (OSError, ValueError):
+            continue
+    raise ConnectionError(f"Kafka broker unreachable at {settings.bootstrap_servers}")
+
+
 def read_health(settings: Settings) -> dict | None:
     try:
         return json.loads(health_path(settings).read_text())
@@ -69,11 +82,18 @@ def ingest_flow(
     reports: list[BatchReport] = []
     consumer: BatchConsumer | None = None
     memory: Memory | None = None
+    dirty = False  # a batch failed since the last recover()
 
     def one_batch() -> BatchReport | None:
         """Poll, process, publish, dead-letter, commit. None when the topic is drained."""
-        nonlocal consumer, memory
+        nonlocal consumer, memory, dirty
         try:
+            if memory is not None and dirty:
+                # A failed publish whose cleanup failed too (its store was down) left
+                # a version pending under our own pid: purge it now, not at restart.
+                if purged := memory.recover():
+                    log.warning("purged versions left pending by a failed publish: %s", purged)
+                dirty = False
             if memory is None:
                 memory = Memory(settings)
                 if purged := memory.recover():
@@ -83,6 +103,10 @@ def ingest_flow(
                 consumer = BatchConsumer(settings, settings.group_id)
             records = consumer.poll_batch(settings.max_batch_messages)
             if not records:
+                # A joined consumer whose broker died polls "nothing" without an
+                # error: without this probe an outage while idle would read as a
+                # drained topic (``--once`` exits, status stays "running").
+                _require_broker(settings)
                 return None
             report = process_batch(
                 settings,
@@ -97,13 +121,18 @@ def ingest_flow(
             consumer.commit(records)
             return report
         except BaseException:
+            dirty = True
             # Drop the group membership: the retry resumes from the committed offsets.
             if consumer is not None:
                 consumer.close()
                 consumer = None
             raise
 
+    degraded = False  # health says "retrying": the next success must say "running" again
+
     def retrying(state: RetryCallState) -> None:
+        nonlocal degraded
+        degraded = True
         error = state.outcome.exception() if state.outcome else None
         log.warning("batch failed (attempt %d), retrying: %r", state.attempt_number, error)
         write_health(
@@ -120,6 +149,9 @@ def ingest_flow(
     try:
         while max_batches is None or len(reports) < max_batches:
             report = retry(one_batch)
+            if degraded:
+                degraded = False
+                write_health(settings, state="running", batches=len(reports), recovered=True)
             if report is None:
                 if once:
                     break
