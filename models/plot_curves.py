@@ -1,0 +1,52 @@
+"""Plot the train/validation loss curves of a MAC training run's metrics.json.
+
+.venv/bin/python -m knowstream.models.plot_curves RUN/metrics.json OUT.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot(metrics_path: str, out: str) -> None:
+    m = json.load(open(metrics_path))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [r for r in m["train"] if r["step"] > 1]
+    ax.plot(
+        [r["step"] for r in tr], [r["loss"] for r in tr], label="train (bank = curriculum size)"
+    )
+    va = m["val"]
+    ax.plot([r["step"] for r in va], [r["gold"] for r in va], "o-", label="validation, gold entry")
+    ax.plot(
+        [r["step"] for r in va], [r["wrong"] for r in va], "x--", label="validation, wrong entry"
+    )
+    for r in tr:
+        if tr.index(r) and r["bank"] != tr[tr.index(r) - 1]["bank"]:
+            ax.axvline(r["step"], color="grey", lw=0.5)
+            ax.text(
+                r["step"] + 5,
+                0.02,
+                f"bank {r['bank']}",
+                fontsize=7,
+                transform=ax.get_xaxis_transform(),
+                rotation=90,
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer NLL (nats/token)")
+    ax.set_ylim(3.3, 5.0)
+    ax.set_title(
+        f"MAC on SQuAD + SQuADShifts ({m['device']}, {m['n_params'] / 1e6:.2f}M trainable)"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    plot(sys.argv[1], sys.argv[2])

@@ -1,0 +1,146 @@
+"""MAC training on CPU with a tiny random LM, the article split, and SQuAD EM/F1."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from knowstream.models import train as train_mod
+from knowstream.models.encoder import load_encoder
+from knowstream.models.evaluate import (
+    bootstrap_ci,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    squad_scores,
+    wrong_passages,
+)
+from knowstream.models.lm import _cache_is_valid, default_cache_dir, gguf_path
+from knowstream.models.mac import MAC, MACConfig
+from knowstream.models.qa_data import load_qa, load_split, make_split, select
+
+SAMPLE = "data/sample/questions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """SmolLM2's tokenizer (chat template included), from the LM cache if there
+    is one, else read from the GGUF file (no weights are de-quantized)."""
+    cache = default_cache_dir()
+    if _cache_is_valid(cache):
+        return AutoTokenizer.from_pretrained(cache)
+    g = gguf_path()
+    return AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+
+
+def test_tiny_training_run_lowers_the_loss(tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+    ).eval()
+    lm.requires_grad_(False)
+    cfg = MACConfig(
+        n_tokens=4,
+        d_lm=64,
+        n_layers_lm=2,
+        n_kv_heads=2,
+        head_dim=16,
+        prefix_len=2,
+        d_model=32,
+        n_heads=4,
+        mlp_hidden=64,
+        token_hidden=8,
+    )
+    mac = MAC.init(cfg)
+    records = load_qa(SAMPLE)[:8]
+    for name, value in {
+        "device": "cpu",
+        "max_steps": 40,
+        "max_minutes": 1.0,
+        "batch_docs": 4,
+        "q_per_doc": 2,
+        "curriculum": "1,2",
+        "lr": 1e-2,
+        "min_lr": 3e-3,
+        "warmup_steps": 1,
+        "log_every": 1,
+    }.items():
+        monkeypatch.setattr(train_mod, name, value)
+    m = train_mod.train(mac, lm, tokenizer, load_encoder(), records, [], out=None, log=lambda _: 0)
+    losses = [r["loss"] for r in m["train"]]
+    assert m["steps"] == 40 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    # Grads never reach the frozen LM.
+    assert all(p.grad is None for p in lm.parameters())
+
+
+def test_bank_puts_gold_first_and_distractors_from_the_batch():
+    entries = torch.arange(5.0)[:, None, None].expand(5, 1, 1)
+    bank = train_mod.bank_for(entries, owner=[0, 0, 3], size=3)
+    assert bank[:, :, 0, 0].tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 0]]
+    wrong = train_mod.bank_for(entries, owner=[0, 3], size=1, shift=2)
+    assert wrong[:, 0, 0, 0].tolist() == [2, 0]
+
+
+def test_curriculum_grows_the_bank(monkeypatch):
+    monkeypatch.setattr(train_mod, "curriculum_frac", 0.5)
+    sizes = [1, 2, 4, 8, 16]
+    got = [train_mod.bank_size_at(p / 100, sizes) for p in range(0, 101, 10)]
+    assert got == [1, 2, 4, 8, 16, 16, 16, 16, 16, 16, 16]
+
+
+def test_split_is_by_article_and_committed_lists_are_disjoint():
+    records = load_qa(SAMPLE)
+    split = make_split(records, n_eval=1, n_validation=1)
+    assert split == make_split(list(reversed(records)), n_eval=1, n_validation=1)
+    sets = [set(split[k]) for k in ("train", "validation", "eval")]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    committed = load_split("data/splits/squad_v1.1.json")
+    assert [len(committed[k]) for k in ("train", "validation", "eval")] == [34, 4, 10]
+    assert not set(committed["eval"]) & set(committed["train"] + committed["validation"])
+    assert len(select(records, sets[2] and split["eval"])) > 0
+
+
+def test_loader_reads_gzip(tmp_path):
+    import gzip
+
+    rows = [json.loads(line) for line in open(SAMPLE)][:3]
+    with gzip.open(tmp_path / "q.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_qa(tmp_path / "q.jsonl.gz") == load_qa(SAMPLE)[:3]
+
+
+def test_wrong_passage_is_another_article():
+    records = load_qa(SAMPLE)
+    title = {r.doc_id: r.title for r in records}
+    for r, w in zip(records, wrong_passages(records, seed=0), strict=True):
+        assert title[w] != r.title
+
+
+def test_squad_normalization_and_scores():
+    assert normalize_answer("The  Denver Broncos!") == "denver broncos"
+    assert normalize_answer("an apple, a pear") == "apple pear"
+    assert exact_match("the Denver Broncos.", "Denver Broncos") == 1.0
+    assert exact_match("Broncos", "Denver Broncos") == 0.0
+    # precision 1/1, recall 1/2 -> F1 2/3
+    assert f1_score("Broncos", "Denver Broncos") == pytest.approx(2 / 3)
+    # precision 2/4, recall 2/2 -> F1 2/3
+    assert f1_score("the Denver Broncos won easily", "Denver Broncos") == pytest.approx(2 / 3)
+    assert f1_score("Carolina", "Denver Broncos") == 0.0
+    assert f1_score("", "Denver Broncos") == 0.0
+    # max over the references
+    assert squad_scores("Santa Clara", ["Levi's Stadium", "Santa Clara, California"]) == (
+        0.0,
+        pytest.approx(0.8),
+    )
+    lo, hi = bootstrap_ci(torch.tensor([0.0, 1.0] * 50).numpy())
+    assert lo < 0.5 < hi
