@@ -34,6 +34,8 @@ from knowstream.schemas.manifest import SnapshotManifest
 from knowstream.settings import Settings
 
 EXPERIMENT = "knowstream-memory"
+# What MLflow answers for a missing alias or version (SQLite and server stores differ).
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 LIVE = "live"
 
 
@@ -150,14 +152,23 @@ class Registry:
     def get(self, version: int) -> VersionInfo:
         try:
             return _info(self.client.get_model_version(self.name, str(version)))
-        except MlflowException:
-            raise KeyError(f"no memory version {version}") from None
+        except MlflowException as e:
+            if e.error_code in _NOT_FOUND:
+                raise KeyError(f"no memory version {version}") from None
+            raise
 
     def live(self) -> int | None:
+        """The live version; None only when no version was ever made live.
+
+        An unreachable registry raises: taking it for "no live version" would let
+        ingest publish a parentless version over everything.
+        """
         try:
             return int(self.client.get_model_version_by_alias(self.name, LIVE).version)
-        except MlflowException:
-            return None
+        except MlflowException as e:
+            if e.error_code in _NOT_FOUND:
+                return None
+            raise
 
     def lineage(self, version: int) -> list[int]:
         """The version and all its ancestors, newest first."""
