@@ -73,6 +73,8 @@ log_every = 20  # steps between training-loss records
 val_max = 0  # validation questions per pass; 0 = all
 val_batch = 64  # questions per validation forward
 max_answer_tokens = 24  # longer reference answers are cut (the EOS is then not trained)
+recon_weight = 0.0  # weight of the self-supervised passage-reconstruction loss (0 = off)
+recon_tokens = 48  # reconstruct the passage's first this-many LM tokens from its entry alone
 seed = 0  # data order and distractors
 # MACConfig fields (the rest keep MACConfig's defaults: SmolLM2-135M + MiniLM shapes)
 n_tokens = 16  # T, vectors per memory entry
@@ -171,6 +173,20 @@ def mac_nll(
 # ----------------------------------------------------------------------------- data
 
 
+RECON_INSTRUCTION = "Repeat the passage."
+
+
+def recon_nll(mac, lm, encoder, tokenizer, texts: list[str], entries: Tensor) -> Tensor:
+    """Per-passage NLL of the passage's first ``recon_tokens`` tokens, the LM seeing
+    only the instruction and the prefix made from the bank ``entries`` (B, N, T, d)
+    (the objective of in-context autoencoders / gist tokens)."""
+    prompts = chat_prompts(tokenizer, [RECON_INSTRUCTION] * len(texts))
+    targets = [x[:recon_tokens] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return mac_nll(
+        mac, lm, encoder, tokenizer, [RECON_INSTRUCTION] * len(texts), prompts, targets, entries
+    )
+
+
 class Batches:
     """Random batches of distinct passages with ``q_per_doc`` questions each."""
 
@@ -232,6 +248,8 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx) -> dict[str, float]
     if val_max:
         qs = qs[:val_max]
     totals = {"gold": 0.0, "wrong": 0.0}
+    recon = {"recon_gold": 0.0, "recon_wrong": 0.0}
+    n_docs = 0
     for start in range(0, len(qs), val_batch):
         idx = qs[start : start + val_batch]
         gold = [doc_index[val.records[i].doc_id] for i in idx]
@@ -253,8 +271,20 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx) -> dict[str, float]
                 ]
                 nll = mac_nll(mac, lm, encoder, tokenizer, *args, bank)
                 totals[name] += float(nll.sum())
+            if recon_weight > 0:
+                # Passage reconstruction from its own entry vs another passage's.
+                texts = [val.records[val.docs[d][1][0]].text for d in used]
+                n = len(used)
+                for name, shift in (("recon_gold", 0), ("recon_wrong", n // 2 or 1)):
+                    order = torch.tensor([(k + shift) % n for k in range(n)], device=entries.device)
+                    nll = recon_nll(mac, lm, encoder, tokenizer, texts, entries[order][:, None])
+                    recon[name] += float(nll.sum())
+                n_docs += n
     mac.train()
-    return {k: v / len(qs) for k, v in totals.items()}
+    out = {k: v / len(qs) for k, v in totals.items()}
+    if n_docs:
+        out.update({k: v / n_docs for k, v in recon.items()})
+    return out
 
 
 def train(
@@ -301,7 +331,7 @@ def train(
     }
     t0 = time.time()
     budget = max_minutes * 60
-    running, n_running = 0.0, 0
+    running, running_qa, n_running = 0.0, 0.0, 0
     step = 0
     while True:
         elapsed = time.time() - t0
@@ -316,7 +346,11 @@ def train(
                 metrics["best"] = rec
                 if out is not None:
                     mac.save(out / "best")
-            log(f"step {step} val gold {v['gold']:.4f} wrong {v['wrong']:.4f}" + (" *" * better))
+            log(
+                f"step {step} val "
+                + json.dumps({k: round(x, 4) for k, x in v.items()})
+                + " *" * better
+            )
             if out is not None:
                 (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if last:
@@ -340,17 +374,22 @@ def train(
                 bank,
             )
             loss = nll.mean()
+            if recon_weight > 0:
+                rec_loss = recon_nll(mac, lm, encoder, tokenizer, texts, entries[:, None]).mean()
+                loss = loss + recon_weight * rec_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(mac.parameters(), grad_clip)
         opt.step()
         running += float(loss.detach())
+        running_qa += float(nll.mean().detach())
         n_running += 1
         step += 1
         if step % log_every == 0 or step == 1:
             rec = {
                 "step": step,
                 "loss": running / n_running,
+                "qa_loss": running_qa / n_running,
                 "bank": size,
                 "lr": cur_lr,
                 "grad_norm": float(gnorm),
@@ -358,7 +397,7 @@ def train(
             }
             metrics["train"].append(rec)
             log(json.dumps(rec))
-            running, n_running = 0.0, 0
+            running, running_qa, n_running = 0.0, 0.0, 0
     metrics["steps"] = step
     metrics["train_seconds"] = round(time.time() - t0, 1)
     if out is not None:

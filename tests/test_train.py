@@ -73,6 +73,7 @@ def test_tiny_training_run_lowers_the_loss(tokenizer, monkeypatch):
         "min_lr": 3e-3,
         "warmup_steps": 1,
         "log_every": 1,
+        "recon_weight": 0.5,
     }.items():
         monkeypatch.setattr(train_mod, name, value)
     m = train_mod.train(mac, lm, tokenizer, load_encoder(), records, [], out=None, log=lambda _: 0)
