@@ -19,7 +19,9 @@ def plot(metrics_path: str, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     tr = [r for r in m["train"] if r["step"] > 1]
     ax.plot(
-        [r["step"] for r in tr], [r.get("qa_loss", r["loss"]) for r in tr], label="train QA loss (bank = curriculum size)"
+        [r["step"] for r in tr],
+        [r.get("qa_loss", r["loss"]) for r in tr],
+        label="train QA loss (bank = curriculum size)",
     )
     va = m["val"]
     ax.plot([r["step"] for r in va], [r["gold"] for r in va], "o-", label="validation, gold entry")
