@@ -245,6 +245,8 @@ class Worker:
     """One ``knowstream ingest`` subprocess in its own process group; its output goes
     to ``log`` and its "pipeline:" / "published" lines to ``events``."""
 
+    running: set[Worker] = set()  # killed by `kill_all` when the harness fails
+
     def __init__(self, env: dict[str, str], log: Path, once: bool) -> None:
         argv = [str(KNOWSTREAM), "ingest"] + (["--once"] if once else [])
         self.log = log
@@ -262,6 +264,12 @@ class Worker:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        Worker.running.add(self)
+
+    @classmethod
+    def kill_all(cls) -> None:
+        for w in list(cls.running):
+            w.kill()
 
     def _read(self) -> None:
         with self.log.open("ab") as f:
@@ -296,10 +304,12 @@ class Worker:
             pass
         self.proc.wait()
         self._reader.join(timeout=5)
+        Worker.running.discard(self)
 
     def wait(self, timeout: float) -> int:
         rc = self.proc.wait(timeout=timeout)
         self._reader.join(timeout=5)
+        Worker.running.discard(self)
         return rc
 
 
@@ -450,6 +460,7 @@ def run_chaos(
     seed: int,
     batch_s: float,
     publish_s: float,
+    broker: Settings | None = None,
     on_kill=None,
 ) -> ChaosStats:
     """Kill the continuous worker ``kills`` times, restart the broker
@@ -475,7 +486,7 @@ def run_chaos(
         elif target == "after_publish":
             w.wait_for("published", limit)
         else:
-            time.sleep(rng.uniform(2.0, 20.0 + 2 * batch_s))
+            time.sleep(rng.uniform(2.0, 10.0 + batch_s))
         exited = w.proc.poll()
         w.kill()
         stats.publishes_seen += w.published
@@ -489,9 +500,9 @@ def run_chaos(
             w2 = Worker(env, logs / f"chaos-{i:03d}-broker.log", once=False)
             stats.worker_starts += 1
             w2.wait_for("published", limit)
-            stop_broker(settings)
+            stop_broker(broker)  # its run files live under the broker's own home
             time.sleep(rng.uniform(1.0, 5.0))
-            start_broker(settings)
+            restart_broker(broker, start_broker)
             stats.broker_restarts += 1
             w2.wait_for("published", limit)  # it recovered and made progress
             w2.kill()
@@ -514,6 +525,23 @@ def run_chaos(
     if rc != 0:
         raise RuntimeError(f"final ingest --once failed (rc {rc}); see {w.log}")
     return stats
+
+
+def restart_broker(settings: Settings, start, within_s: float = 120.0) -> None:
+    """Start the broker again on its port. ``start_broker`` refuses a port that
+    cannot be bound without SO_REUSEADDR, which is the case for up to a minute
+    after a stop while the old connections sit in TIME_WAIT: retry until then."""
+    from knowstream.infra.services import ServiceError
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            start(settings)
+            return
+        except ServiceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def batch_timing(log: Path) -> tuple[float, float]:
@@ -596,6 +624,7 @@ def chaos_test(
         kills=kills,
         broker_restarts=broker_restarts,
         seed=seed,
+        broker=base,
         batch_s=batch_s,
         publish_s=publish_s,
         on_kill=lambda s: say(f"chaos: {s.kills} kills, {s.broker_restarts} broker restarts"),
@@ -722,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=lambda msg: bar.update(task, description=msg),
             )
     finally:
+        Worker.kill_all()
         stop_prefect_server(base)
         stop_broker(base)
         if not args.keep and args.work is None:

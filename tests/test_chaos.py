@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import TARGETS, chaos_test
+from bench.chaos import TARGETS, Worker, chaos_test
 from knowstream.infra.services import start_prefect_server, stop_prefect_server
 from tests.fixtures_broker import free_port
 
@@ -36,6 +36,7 @@ def prefect_api(broker, tmp_path):
         mp.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
         url = start_prefect_server(services, port=free_port())
     yield url
+    Worker.kill_all()  # workers left running by a failed test
     stop_prefect_server(services)
 
 
