@@ -423,28 +423,17 @@ def answer(
     """Greedy answer of the frozen LM to ``question``, modulated by the bank.
 
     ``bank`` holds the retrieved entries for this question, (N, T, d_lm); N may
-    be 0. The question goes to the LM through its chat template, after the prefix.
-    ``mac`` should be in eval mode (as ``MAC.load`` returns it) if it has dropout.
+    be 0. The question goes to the LM through its chat template, after the
+    prefix, exactly as in training (``models/train.py``) and evaluation.
     """
-    device = lm.device
+    # Imported here: evaluate and train import this module.
+    from knowstream.models.evaluate import generate
+    from knowstream.models.train import chat_prompts, prefix_cache
+
     param = next(mac.parameters())  # MAC's device and dtype
     q_states, q_mask = encoder.encode([question])
     q_states, q_mask = q_states.to(param.device, param.dtype), q_mask.to(param.device)
     summary = mac.aggregator(q_states, q_mask, bank.to(param.device, param.dtype)[None])
-    pairs = mac.expansion.key_values(summary)
-    cache = DynamicCache([(k.to(device, lm.dtype), v.to(device, lm.dtype)) for k, v in pairs])
-    P = mac.config.prefix_len
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
-    )
-    input_ids = prompt["input_ids"].to(device)
-    # The mask covers the prefix too: P ones in front of the prompt's ones.
-    attention_mask = torch.ones(1, P + input_ids.shape[1], dtype=torch.long, device=device)
-    out = lm.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
-    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+    cache = prefix_cache(mac, summary.to(lm.device), lm.dtype)
+    prompts = chat_prompts(tokenizer, [question])
+    return generate(lm, tokenizer, prompts, cache, mac.config.prefix_len, max_new_tokens)[0]
