@@ -266,6 +266,49 @@ def serve(
     uvicorn.run(create_app(_settings(ctx)), host=host, port=port, log_level="info")
 
 
+@app.command("eval")
+def evaluate(
+    data: Annotated[
+        Path, typer.Option(help="SQuAD-format JSONL (doc_id, title, text, question, answers).")
+    ],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="MAC checkpoint folder (mac_* modes).")
+    ] = None,
+    split_file: Annotated[Path, typer.Option(help="Article split lists.")] = Path(
+        "data/splits/squad_v1.1.json"
+    ),
+    split: Annotated[str, typer.Option(help="train | validation | eval")] = "eval",
+    modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "closed_book,gold_passage",
+    n: Annotated[int | None, typer.Option(help="Questions (default: all of the split).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the full result JSON here.")] = None,
+) -> None:
+    """SQuAD EM/F1 with 95% bootstrap intervals, MAC beside its wrong-passage control."""
+    from knowstream.models.evaluate import evaluate as run_eval
+
+    with console.status("evaluating..."):
+        res = run_eval(data, checkpoint, modes.split(","), n, split_file, split)
+    table = Table(title=f"{res['split']} split: {res['n']} questions, {res['n_articles']} articles")
+    for col in ("mode", "n", "EM [95% CI]", "F1 [95% CI]"):
+        table.add_column(col)
+    for mode, r in res["rows"].items():
+        em_lo, em_hi = r["em_ci"]
+        f1_lo, f1_hi = r["f1_ci"]
+        table.add_row(
+            mode,
+            str(r["n"]),
+            f"{r['em']:.2f} [{em_lo:.2f}, {em_hi:.2f}]",
+            f"{r['f1']:.2f} [{f1_lo:.2f}, {f1_hi:.2f}]",
+        )
+    if diff := res.get("mac_gold_minus_wrong_f1"):
+        lo, hi = diff["ci"]
+        table.add_row(
+            "MAC gold − control (paired)", "", "", f"{diff['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        )
+    console.print(table)
+    if out:
+        out.write_text(json.dumps(res, indent=1))
+
+
 @app.command()
 def demo(
     ctx: typer.Context,
