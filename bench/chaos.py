@@ -1,12 +1,12 @@
 """Kill test (issue 3): SIGKILL the ingest worker at random moments, restart the
 broker, and check that the final live memory equals an uninterrupted reference run.
 
-The long run (figures in RELIABILITY.md), on durable s3:// broker storage with
-three broker restarts::
+The long run, on durable s3:// broker storage with three broker restarts (the
+figures in RELIABILITY.md come from the same command with ``--events 600 --batch 15``)::
 
-    .venv/bin/python bench/chaos.py --events 5000 --kills 20 --broker-restarts 3 \\
-        --storage s3 --data /work/shared/data/squad_v1.1/documents.jsonl \\
-        --out bench/results/chaos.json
+    .venv/bin/python bench/chaos.py --events 5000 --batch 100 --kills 20 \\
+        --broker-restarts 3 --storage s3 \\
+        --data /work/shared/data/squad_v1.1/documents.jsonl --out bench/results/chaos.json
 
 What it does:
 
