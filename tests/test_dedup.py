@@ -146,13 +146,29 @@ def test_delete_of_known_doc():
     assert decide([event], known_doc(at=T2), MODEL) == (event, "delete")
 
 
-def test_delete_of_unknown_doc_is_a_no_op():
-    assert decide([delete()], None, MODEL) == (None, "delete_unknown")
+def test_delete_of_unknown_doc_leaves_a_tombstone():
+    # The doc may have been created and deleted within one batch: a late copy of
+    # its upsert must find a tombstone.
+    event = delete()
+    assert decide([event], None, MODEL) == (event, "delete")
+
+
+def test_create_and_delete_in_one_batch_then_late_upsert_stays_deleted():
+    events = [upsert(at=T1, offset=0), delete(at=T2, offset=1)]
+    winner, why = decide(events, None, MODEL)
+    assert why == "delete" and winner["event"].op == "delete"
+    assert decide([upsert(at=T1, offset=5)], tombstone(at=T2), MODEL) == (None, "stale")
 
 
 @pytest.mark.parametrize("tomb_at", [T1, None], ids=["older-tombstone", "tombstone-no-time"])
-def test_delete_after_tombstone_is_a_no_op(tomb_at):
-    assert decide([delete(at=T2)], tombstone(tomb_at), MODEL) == (None, "delete_unknown")
+def test_newer_delete_refreshes_the_tombstone(tomb_at):
+    event = delete(at=T2)
+    assert decide([event], tombstone(tomb_at), MODEL) == (event, "delete")
+
+
+@pytest.mark.parametrize("at", [T2, None], ids=["same-time", "undated"])
+def test_delete_no_newer_than_the_tombstone_is_a_no_op(at):
+    assert decide([delete(at=at)], tombstone(at=T2), MODEL) == (None, "delete_repeated")
 
 
 def test_late_older_upsert_after_delete_is_stale():
@@ -206,14 +222,19 @@ def test_dedup_dofn_in_pipeline():
         )
         assert_that(
             changes,
-            equal_to([("new", "upsert", 0), ("changed", "upsert", 2), ("gone", "delete", 5)]),
+            equal_to(
+                [
+                    ("new", "upsert", 0),
+                    ("changed", "upsert", 2),
+                    ("gone", "delete", 5),
+                    ("never", "delete", 6),
+                    ("already", "delete", 7),
+                ]
+            ),
             label="changes",
         )
         assert_that(
             out[SKIPPED],
-            equal_to(
-                [("unchanged", "same"), ("stale", "late"), ("delete_unknown", "never")]
-                + [("delete_unknown", "already")]
-            ),
+            equal_to([("unchanged", "same"), ("stale", "late")]),
             label="skipped",
         )

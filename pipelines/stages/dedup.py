@@ -15,7 +15,10 @@ The rules, in order (they make replays and out-of-order delivery harmless):
 3. An upsert whose content hash and model fingerprint equal the memory's is
    unchanged and skipped: unchanged documents cost no chunking, embedding,
    triples or amortization.
-4. A delete of a document the memory does not hold is a no-op.
+4. A delete always leaves a tombstone (with its ``published_at``), even for a
+   document the memory does not hold: the document may have been created and
+   deleted within one batch, and a late copy of its upsert must stay dead. Only
+   a delete no newer than the tombstone already held is a no-op.
 
 ``known`` maps doc id -> {"kind": "doc"|"tombstone", "content_hash",
 "published_at" (ISO or None), "model"} as served by the parent version; the flow
@@ -38,6 +41,15 @@ def _order(sourced: dict) -> tuple:
     return (e.published_at or _MIN, sourced["partition"], sourced["offset"])
 
 
+def _newer(event, known: dict) -> bool:
+    """Whether the event is dated after what the memory holds (undated events are not)."""
+    if event.published_at is None:
+        return False
+    if not known.get("published_at"):
+        return True
+    return event.published_at > datetime.fromisoformat(known["published_at"])
+
+
 def decide(sourced_events: list[dict], known: dict | None, model: str) -> tuple[dict | None, str]:
     """The winning event and why; ``None`` with a reason when nothing changes."""
     winner = max(sourced_events, key=_order)
@@ -46,8 +58,8 @@ def decide(sourced_events: list[dict], known: dict | None, model: str) -> tuple[
         if event.published_at < datetime.fromisoformat(known["published_at"]):
             return None, "stale"
     if event.op == "delete":
-        if not known or known["kind"] == "tombstone":
-            return None, "delete_unknown"
+        if known and known["kind"] == "tombstone" and not _newer(event, known):
+            return None, "delete_repeated"
         return winner, "delete"
     if (
         known
