@@ -260,7 +260,7 @@ class Memory:
             if d["op"] == "delete" and got is not None:
                 raise PublishError(f"verify: deleted {d['doc_id']} still visible at {version}")
         # Modulation.from_row checks every stored entry against its checksum.
-        view.modulations(list(held))
+        view.modulations_of(held)
 
     def set_live(self, version: int) -> None:
         self.registry.set_live(version)

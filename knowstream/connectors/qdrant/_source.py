@@ -65,8 +65,13 @@ class VersionView:
         )
 
     def modulations(self, doc_ids: Sequence[str]) -> dict[str, Modulation]:
+        return self.modulations_of(self.docs(doc_ids))
+
+    @staticmethod
+    def modulations_of(docs: dict[str, dict]) -> dict[str, Modulation]:
+        """Decode (and checksum) the entries of doc payloads already read."""
         out = {}
-        for doc_id, doc in self.docs(doc_ids).items():
+        for doc_id, doc in docs.items():
             m = doc["modulation"]
             out[doc_id] = Modulation.from_row(
                 {
