@@ -10,6 +10,9 @@
 #   call 3, carry .carry3: minilm/ (all-MiniLM-L6-v2 tokenizer + fp16 weights, restored
 #           to fp32 here), squad_v1.1_dev.jsonl.gz, squadshifts_{reddit,amazon}.jsonl.gz
 #           command: bash models/run_gpu.sh [TRAIN OVERRIDES...]
+# Optional environment: EVAL_SPLITS (default "validation eval") and EVAL_MODES
+# (default: all of evaluate.py's modes), e.g. EVAL_SPLITS=eval EVAL_MODES=mac_gold,mac_wrong
+# for a diagnostic run that only needs MAC against its control.
 # The two packages are rebuilt under /tmp/site with their dist-info, so
 # models/lm.py and models/encoder.py load them unchanged.
 set -euo pipefail
@@ -50,8 +53,8 @@ python3 -m knowstream.models.train --squad=$C/squad_v1.1_dev.jsonl.gz \
 # Files come back at most 16 MiB each: the ~19 MB checkpoint travels in two halves.
 split -n 2 -d $R/best/model.safetensors $R/best/model.safetensors.part
 trap 'rm -f $R/best/model.safetensors; ls -la $OUT $R $R/best' EXIT
-for s in validation eval; do
+for s in ${EVAL_SPLITS:-validation eval}; do
     python3 -m knowstream.models.evaluate --data $C/squad_v1.1_dev.jsonl.gz \
         --split-file data/splits/squad_v1.1.json --split $s --checkpoint $R/best \
-        --device cuda --out $OUT/$s.json 2>&1 | grep -v Warning | tee -a $OUT/eval.log
+        --device cuda ${EVAL_MODES:+--modes=$EVAL_MODES} --out $OUT/$s.json 2>&1 | grep -v Warning | tee -a $OUT/eval.log
 done
