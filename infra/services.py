@@ -454,20 +454,30 @@ def _require_loopback(host: str) -> None:
         )
 
 
+PORT_RELEASE_S = 5.0  # how long a port may stay held by a process that was just stopped
+
+
 def _require_free_port(host: str, port: int, hint: str) -> None:
     # Binding (not connecting) is the test that matches what the service will do:
     # a socket that is bound but not listening refuses connections yet still
     # blocks the port. SO_REUSEADDR mirrors the servers' own option, so a port
     # whose last connections are in TIME_WAIT counts as free.
+    # A process killed a moment ago (a restart) can hold its port for a little
+    # while longer, so a taken port is retried briefly before it is an error.
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ServiceError(
-                f"port {port} on {host} is already in use by another process; {hint}"
-            ) from exc
+    deadline = time.monotonic() + PORT_RELEASE_S
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"port {port} on {host} is already in use by another process; {hint}"
+                    ) from exc
+        time.sleep(0.2)
 
 
 def _port_accepts(host: str, port: int) -> bool:
