@@ -32,7 +32,7 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt, stop_never, w
 
 from knowstream.connectors.kafka import BatchConsumer, ensure_topics, send_dead_letters
 from knowstream.flows.batch import BatchReport, process_batch
-from knowstream.memory import Memory
+from knowstream.memory import Memory, StaleParent
 from knowstream.settings import Settings
 
 
@@ -108,14 +108,22 @@ def ingest_flow(
                 # drained topic (``--once`` exits, status stays "running").
                 _require_broker(settings)
                 return None
-            report = process_batch(
-                settings,
-                memory,
-                records,
-                parent=memory.registry.live(),
-                kind="ingest",
-                make_live=True,
-            )
+            while True:
+                try:
+                    report = process_batch(
+                        settings,
+                        memory,
+                        records,
+                        parent=memory.registry.live(),
+                        kind="ingest",
+                        make_live=True,
+                    )
+                    break
+                except StaleParent:
+                    # Another worker published first: rebuild this batch on the new
+                    # live. Keep the consumer: leaving the group would rebalance
+                    # the other worker mid-batch too.
+                    log.info("live moved while this batch was processed; rerunning it")
             if report.dead_letters:
                 send_dead_letters(settings, report.dead_letters)
             consumer.commit(records)
