@@ -145,6 +145,12 @@ class Memory:
         or, for owners elsewhere, when it has been pending longer than
         ``stale_after_s``.
         """
+        # Under the publish lock: a worker thread of this process that is
+        # publishing right now also looks "dead" by pid, and must not be purged.
+        with self._publish_lock():
+            return self._recover(stale_after_s)
+
+    def _recover(self, stale_after_s: float) -> list[int]:
         purged = []
         host = socket.gethostname()
         now = datetime.now(UTC)
