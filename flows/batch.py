@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import opaque
 
 from knowstream.connectors.kafka import KafkaRecord
-from knowstream.memory import Memory
+from knowstream.memory import Memory, StaleParent
 from knowstream.pipelines.pipeline import run_batch
 from knowstream.pipelines.stages.amortize import load_amortizer
 from knowstream.pipelines.stages.chunk import CHUNKER_VERSION
@@ -136,16 +136,21 @@ def process_batch(
     offsets = offset_ranges(records)
     version = None
     if result.staged.changes:
-        # opaque: Prefect would otherwise walk every row of the batch looking for
-        # upstream futures (13-18 s of CPU for 2,000 docs).
-        version = publish_task(
-            memory,
-            opaque(result),
-            versions,
-            parent=parent,
-            kind=kind,
-            offsets=offsets,
-            make_live=make_live,
-        )
+        try:
+            # opaque: Prefect would otherwise walk every row of the batch looking for
+            # upstream futures (13-18 s of CPU for 2,000 docs).
+            version = publish_task(
+                memory,
+                opaque(result),
+                versions,
+                parent=parent,
+                kind=kind,
+                offsets=offsets,
+                make_live=make_live,
+            )
+        except StaleParent:
+            # Not a failure to inspect: the caller rebuilds the batch on the new live.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     shutil.rmtree(staging, ignore_errors=True)  # kept only when a step failed
     return BatchReport(len(records), version, offsets, result.counters, result.staged.dead_letters)
