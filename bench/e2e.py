@@ -28,24 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -56,16 +50,27 @@ from rich.progress import (
 )
 from rich.table import Table
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the root; append,
+    sys.path.append(str(ROOT))  # so that an installed knowstream stays first (bench/_common.py)
+
+from bench._common import (  # noqa: E402
+    StepTimer,
+    console,
+    cpu_seconds,
+    free_port,
+    instrumented,
+    isolate_prefect,
+    load_documents,
+    run_header,
+    timed_call,
+    write_result,
+)
+
 if TYPE_CHECKING:
     from knowstream.connectors.kafka import KafkaRecord
     from knowstream.settings import Settings
 
-# Tables stay readable when output goes to a file or a CI log (rich assumes 80 columns there).
-console = Console(width=None if sys.stdout.isatty() else 140)
-
-# Fields of a DocumentEvent (schemas/event.py); anything else on a line (SQuAD questions,
-# answers) is not part of the document and is left out of the event.
-EVENT_FIELDS = ("doc_id", "title", "text", "source", "url", "published_at", "metadata")
 # The triples stage batches with BatchElements(min_batch_size=16, max_batch_size=32); on a
 # bounded input the FnApiRunner grows batches to the maximum quickly, so isolation uses 32.
 TRIPLES_BATCH = 32
@@ -79,135 +84,6 @@ VERSIONED_PACKAGES = (
     "transformers",
     "kafka-python",
 )
-
-
-# --- timing ------------------------------------------------------------------------------------
-class StepTimer:
-    """Wall seconds and call counts per named step, summed over calls.
-
-    Why wrappers instead of timing inside the library: the flow must run the code a user runs,
-    unchanged. Wrapping the functions it calls (and restoring them afterwards) times exactly
-    those calls, in place, without a single edit to library code.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.cpu: dict[str, float] = defaultdict(float)  # process CPU seconds, all threads
-        self.calls: dict[str, int] = defaultdict(int)
-        self.on_enter: Callable[[str], None] | None = None  # e.g. a progress description
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        # A plain closure, not functools.wraps: some targets are Prefect Task objects, whose
-        # attribute dict must not be copied onto a function.
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if self.on_enter is not None:
-                self.on_enter(name)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - start
-                self.cpu[name] += time.process_time() - cpu_start
-                self.calls[name] += 1
-
-        return timed
-
-
-@contextmanager
-def instrumented(timer: StepTimer, targets: Sequence[tuple[object, str, str]]) -> Iterator[None]:
-    """Replace ``owner.attr`` by a timed wrapper for each (owner, attr, step name); restore after.
-
-    Module attributes must be patched where they are looked up: ``process_batch`` calls
-    ``run_batch`` through ``knowstream.flows.batch``'s globals, so that module is the owner,
-    not ``knowstream.pipelines.pipeline``. Methods are patched on their class.
-    """
-    saved: list[tuple[object, str, Any]] = []
-    try:
-        for owner, attr, name in targets:
-            original = getattr(owner, attr)
-            saved.append((owner, attr, original))
-            setattr(owner, attr, timer.wrap(name, original))
-        yield
-    finally:
-        for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)
-
-
-def timed_call(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()`` and its wall seconds."""
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its finished children."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-# --- machine and software ----------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on; written into the JSON next to them."""
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-            model,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = package_version(name)
-        except Exception:
-            versions[name] = "not installed"
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "ram_gib": round(ram_gib, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
-
-
-# --- input -------------------------------------------------------------------------------------
-def load_documents(path: Path, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` distinct documents of a JSONL file, as upsert events.
-
-    Lines that are not upserts with a string ``doc_id`` and a non-empty ``text`` are skipped:
-    the benchmark measures ingestion of documents, and dead-letter routing is not what it is
-    about (the e2e tests cover that path).
-    """
-    seen: set[str] = set()
-    docs: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            doc_id, text = row.get("doc_id"), row.get("text")
-            if not isinstance(doc_id, str) or doc_id in seen or row.get("op", "upsert") != "upsert":
-                continue
-            if not isinstance(text, str) or not text.strip():
-                continue
-            seen.add(doc_id)
-            event = {k: row[k] for k in EVENT_FIELDS if row.get(k) is not None}
-            docs.append({**event, "op": "upsert"})
-            if len(docs) == n:
-                break
-    return docs
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (as tests/fixtures_broker.py does)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def bench_settings(home: Path) -> Settings:
@@ -234,19 +110,6 @@ def bench_settings(home: Path) -> Settings:
         qdrant_path=None,
         mlflow_uri=None,
     )
-
-
-def isolate_prefect(home: Path) -> None:
-    """A private, ephemeral Prefect API under ``home``, as the test suite uses.
-
-    Why: with ``PREFECT_API_URL`` set, the flow would report to (and be slowed by) whatever
-    server the shell points at, and runs would pile up in the developer's Prefect database.
-    Must run before Prefect is first imported; Prefect reads its settings at import.
-    """
-    os.environ["PREFECT_HOME"] = str(home / "prefect")
-    os.environ.pop("PREFECT_API_URL", None)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # keep the progress bars readable
 
 
 # --- the pieces --------------------------------------------------------------------------------
@@ -448,7 +311,13 @@ def run_stages_isolated(settings: Settings, records: list[KafkaRecord]) -> list[
         stage("triples", Triples(), chunked, "docs", TRIPLES_BATCH)
         stage(
             "amortize",
-            Amortize(settings.amortizer, settings.torch_threads),
+            Amortize(
+                settings.amortizer,
+                settings.torch_threads,
+                settings.amortize_device,
+                settings.amortize_dtype,
+                settings.amortize_window_batch,
+            ),
             upserts,
             "docs",
             settings.amortize_batch,
@@ -657,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         close_clients()
         stop_broker(settings)
-    load_after = os.getloadavg()
 
     n = len(docs)
     if len(flow.records) != n:
@@ -665,11 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     beam_s = flow.steps.get("pipeline: Beam run", 0.0)
     counters = flow.counters
     result: dict[str, Any] = {
-        "benchmark": "e2e",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_1_5_15": {"before": load_before, "after": load_after},
+        **run_header("e2e", started, load_before, VERSIONED_PACKAGES),
         "data": str(args.data),
         "docs": n,
         "settings": settings.model_dump(
@@ -679,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                 "chunk_overlap",
                 "embed_batch",
                 "amortize_batch",
+                "amortize_device",
+                "amortize_dtype",
+                "amortize_window_batch",
                 "torch_threads",
                 "amortizer",
                 "beam_args",
@@ -720,9 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "beam_overhead_s": beam_s - sum(s.seconds for s in stages),
     }
     render(result, flow, stages)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    console.print(f"wrote {out}")
+    write_result(out, result)
     if temporary and not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     return 0

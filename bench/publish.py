@@ -33,34 +33,37 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first, not the root; append,
+    sys.path.append(str(ROOT))  # so that an installed knowstream stays first (bench/_common.py)
+
+from bench._common import (  # noqa: E402
+    StepTimer,
+    console,
+    instrumented,
+    run_header,
+    timed_call,
+    write_result,
+)
 
 if TYPE_CHECKING:
     from knowstream.memory import Memory
     from knowstream.pipelines.stages.stage import StagedBatch
     from knowstream.settings import Settings
-
-console = Console(width=None if sys.stdout.isatty() else 140)
 
 # Shapes of what the pipeline stages, from the defaults (MACConfig, all-MiniLM-L6-v2).
 DIM = 384  # embedding width
@@ -96,53 +99,6 @@ PUBLISH_PARTS = [
 QDRANT_CALLS = ["qdrant scroll", "qdrant upsert", "qdrant set_payload"]
 
 
-# --- timing (as in bench/e2e.py; each benchmark stays a single file) ---------------------------
-class StepTimer:
-    """Wall seconds per named step, summed over calls, from wrappers around real functions.
-
-    Why wrappers: ``Memory.publish`` must run unchanged; wrapping the functions it calls, and
-    restoring them afterwards, times its parts without an edit to library code.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - start
-
-        return timed
-
-    def take(self) -> dict[str, float]:
-        """The sums so far, and start over."""
-        out = dict(self.seconds)
-        self.seconds.clear()
-        return out
-
-
-@contextmanager
-def instrumented(timer: StepTimer, targets: Sequence[tuple[object, str, str]]) -> Iterator[None]:
-    """Replace ``owner.attr`` by a timed wrapper for each (owner, attr, step name); restore after.
-
-    ``Memory.publish`` calls ``write_version`` and ``delta_checksum`` through
-    ``knowstream.memory``'s globals, so that module is their owner here.
-    """
-    saved: list[tuple[object, str, Any]] = []
-    try:
-        for owner, attr, name in targets:
-            original = getattr(owner, attr)
-            saved.append((owner, attr, original))
-            setattr(owner, attr, timer.wrap(name, original))
-        yield
-    finally:
-        for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)
-
-
 def publish_parts() -> list[tuple[object, str, str]]:
     from qdrant_client import QdrantClient
 
@@ -163,38 +119,6 @@ def publish_parts() -> list[tuple[object, str, str]]:
         (Registry, "publish", "mark published"),
         (Registry, "set_live", "set live"),
     ]
-
-
-def timed_call(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
-def machine_info() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-            model,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    versions = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = package_version(name)
-        except Exception:
-            versions[name] = "not installed"
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
 
 
 # --- synthetic batches -------------------------------------------------------------------------
@@ -563,11 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         close_clients()
     result = {
-        "benchmark": "publish",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": started.isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+        **run_header("publish", started, load_before, VERSIONED_PACKAGES),
         "qdrant": args.qdrant_url or "local mode",
         "batch": args.batch,
         "repeats": args.repeats,
@@ -583,9 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": measured,
     }
     render(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    console.print(f"wrote {out}")
+    write_result(out, result)
     if temporary and not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     return 0

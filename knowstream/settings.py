@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +71,9 @@ class Settings(BaseSettings):
     amortizer: str = "init"  # checkpoint path, or "init" (seeded, untrained weights)
     beam_args: list[str] = Field(default_factory=lambda: ["--runner=FnApiRunner"])
     torch_threads: int = 1  # on 2 busy cores one thread is often fastest
+    amortize_device: str = "cpu"  # where the amortize stage runs: "cpu", "cuda", "cuda:1"
+    amortize_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # its compute
+    amortize_window_batch: int = 8  # length-sorted windows per encoder forward (amortize)
 
     # --- serving ------------------------------------------------------------------
     api_token: SecretStr | None = None  # bearer token for /ask and /admin; env only, never logged

@@ -191,7 +191,11 @@ class Amortizer(nn.Module):
         return self.head(self.norm(x))
 
     def amortize_texts(
-        self, encoder: TextEncoder, texts: list[str], window_batch: int = 32
+        self,
+        encoder: TextEncoder,
+        texts: list[str],
+        window_batch: int = 32,
+        sort_by_length: bool = True,
     ) -> Tensor:
         """Memory entries (B, T, d_lm) of texts of any length, one amortizer pass.
 
@@ -200,6 +204,13 @@ class Amortizer(nn.Module):
         of all texts are encoded ``window_batch`` at a time, and each text's
         window states are concatenated back along L: the amortizer's queries then
         cross-attend over the whole document at once.
+
+        With ``sort_by_length`` (the default) the windows are encoded in order of
+        length, so an encoder batch pads to a length close to its own windows'
+        instead of the longest of any text (on SQuAD passages, unsorted batches
+        were ~96% padding tokens). The states go back to their windows, and the
+        windows to their texts in order, so the result equals the unsorted one up
+        to float rounding (padding is masked out of the encoder's attention).
         """
         if not texts:
             return self.queries.new_zeros(0, *self.head.b2.shape)  # (0, T, d_lm)
@@ -212,11 +223,18 @@ class Amortizer(nn.Module):
             for start in range(0, max(len(x), 1), step):
                 windows.append([tok.cls_token_id, *x[start : start + step], tok.sep_token_id])
                 owner.append(i)
+        order = list(range(len(windows)))
+        if sort_by_length:
+            order.sort(key=lambda w: len(windows[w]))  # stable: equal lengths keep their order
+        window_states: list[Tensor | None] = [None] * len(windows)
+        for start in range(0, len(order), window_batch):
+            idx = order[start : start + window_batch]
+            states, mask = encoder.encode_ids([windows[w] for w in idx])
+            for j, w in enumerate(idx):
+                window_states[w] = states[j, mask[j]]  # without padding
         per_text: list[list[Tensor]] = [[] for _ in texts]
-        for start in range(0, len(windows), window_batch):
-            states, mask = encoder.encode_ids(windows[start : start + window_batch])
-            for j in range(len(states)):
-                per_text[owner[start + j]].append(states[j, mask[j]])  # without padding
+        for w, states in enumerate(window_states):  # window order: a text's windows in order
+            per_text[owner[w]].append(states)
         docs = [torch.cat(parts) for parts in per_text]
         L = max(len(d) for d in docs)
         param = self.queries

@@ -90,3 +90,88 @@ def test_deterministic_across_runs(runs):
     assert [(r["data"], r["checksum"]) for r in first] == [
         (r["data"], r["checksum"]) for r in second
     ]
+
+
+# --- the per-batch compute, without Beam (amortize_compute) -------------------------------------
+LONG = " ".join(
+    f"Paragraph {i} of a long report on the history of the river and its trade." for i in range(60)
+)
+
+
+def test_length_bucketing_equals_input_order():
+    """Windows sorted by length before batching give the entries of the unsorted order."""
+    import torch
+
+    from knowstream.models.encoder import load_encoder
+
+    mac = load_amortizer("init")
+    encoder = load_encoder()
+    # Texts of very different lengths, one of them several windows long, in an order that
+    # sorting changes; window_batch=2 makes the batches (and their padding) differ.
+    texts = [LONG, TEXTS["Oxygen_0"], LONG[:700], "Short.", TEXTS["Super_Bowl_50_0"]]
+    assert len(encoder.tokenizer(LONG, add_special_tokens=False)["input_ids"]) > 2 * 254
+    with torch.inference_mode():
+        unsorted = mac.amortizer.amortize_texts(encoder, texts, 2, sort_by_length=False)
+        bucketed = mac.amortizer.amortize_texts(encoder, texts, 2)
+        one_by_one = torch.cat([mac.amortizer.amortize_texts(encoder, [t]) for t in texts])
+    assert bucketed.shape == (len(texts), 16, 576)
+    torch.testing.assert_close(bucketed, unsorted, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bucketed, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def test_amortize_batch_makes_the_stage_rows(runs):
+    """The plain function the DoFn calls, on one batch of all docs: the pipeline's rows."""
+    from knowstream.models.encoder import load_encoder
+    from knowstream.pipelines.stages.amortize_compute import amortize_batch, amortizer_version
+
+    first, _ = runs
+    events = [s["event"] for s in SOURCED]
+    rows = amortize_batch(load_amortizer("init"), load_encoder(), events, amortizer_version("init"))
+    rows = sorted(rows, key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in rows] == [r["doc_id"] for r in first]
+    for got, want in zip(rows, first, strict=True):
+        assert {k: got[k] for k in got if k not in ("data", "checksum")} == {
+            k: want[k] for k in want if k not in ("data", "checksum")
+        }
+        a, b = (Modulation.from_row(r).to_array().astype(np.float32) for r in (got, want))
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3)  # float16, other batch padding
+    assert amortize_batch(load_amortizer("init"), load_encoder(), [], "v") == []
+
+
+def test_bfloat16_compute_stores_float16_entries_close_to_float32():
+    from knowstream.pipelines.stages.amortize_compute import (
+        amortize_batch,
+        amortizer_version,
+        load_stage_encoder,
+    )
+
+    events = [s["event"] for s in SOURCED]
+    version = amortizer_version("init")
+    fp32 = amortize_batch(load_amortizer("init"), load_stage_encoder(), events, version)
+    mac16 = load_amortizer("init", "cpu", "bfloat16")
+    bf16 = amortize_batch(mac16, load_stage_encoder("cpu", "bfloat16"), events, version)
+    assert next(mac16.parameters()).dtype.is_floating_point and str(
+        next(mac16.parameters()).dtype
+    ).endswith("bfloat16")
+    # The float32 model others use is untouched by the bfloat16 copy.
+    assert str(next(load_amortizer("init").parameters()).dtype).endswith("float32")
+    assert load_stage_encoder().model.dtype != load_stage_encoder("cpu", "bfloat16").model.dtype
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b["dtype"] == "float16" and b["amortizer_version"] == version
+        x, y = (Modulation.from_row(r).to_array().astype(np.float32) for r in (a, b))
+        # bfloat16 keeps 8 bits of mantissa: compare relative to the entry's scale.
+        assert np.abs(x - y).max() < 0.05 * np.abs(x).max()
+
+
+def test_dtype_and_settings_fields():
+    from knowstream.pipelines.stages.amortize_compute import torch_dtype
+    from knowstream.settings import Settings
+
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        Amortize("init", torch_threads=1, dtype="fp8")
+    assert str(torch_dtype("bfloat16")) == "torch.bfloat16"
+    s = Settings(amortize_device="cuda", amortize_dtype="bfloat16")
+    assert (s.amortize_device, s.amortize_dtype) == ("cuda", "bfloat16")
+    assert (Settings().amortize_device, Settings().amortize_dtype) == ("cpu", "float32")
+    with pytest.raises(ValueError):
+        Settings(amortize_dtype="float64")

@@ -10,51 +10,54 @@ checkpoint path, or "init" for the seeded untrained network (same weights on
 every machine, so its version is stable).
 
 Entries are stored as float16: half the bytes of float32, and well within the
-precision the LM's prefix needs.
+precision the LM's prefix needs. ``device`` and ``dtype`` (settings
+``amortize_device``, ``amortize_dtype``) place the compute; ``window_batch``
+(``amortize_window_batch``) is the number of length-sorted windows per encoder
+forward. The per-batch work is ``amortize_compute.amortize_batch``, which has no
+Beam in it.
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
-from pathlib import Path
 
 import apache_beam as beam
 import torch
 from apache_beam.metrics import Metrics
 
-from knowstream.models.mac import MAC, MACConfig
-from knowstream.schemas.modulation import Modulation
+from knowstream.pipelines.stages.amortize_compute import (
+    STORE_DTYPE,
+    WINDOW_BATCH,
+    amortize_batch,
+    amortizer_version,
+    load_amortizer,
+    load_stage_encoder,
+    torch_dtype,
+)
 
-STORE_DTYPE = torch.float16  # dtype of stored entries
-
-
-@lru_cache(maxsize=4)
-def load_amortizer(spec: str) -> MAC:
-    """The MAC networks named by ``spec``, loaded once per process."""
-    mac = MAC.init(MACConfig()) if spec == "init" else MAC.load(Path(spec))
-    return mac.eval()
+__all__ = ["STORE_DTYPE", "Amortize", "load_amortizer"]
 
 
 class Amortize(beam.DoFn):
-    def __init__(self, spec: str, torch_threads: int) -> None:
+    def __init__(
+        self,
+        spec: str,
+        torch_threads: int,
+        device: str = "cpu",
+        dtype: str = "float32",
+        window_batch: int = WINDOW_BATCH,
+    ) -> None:
+        torch_dtype(dtype)  # a wrong name fails when the pipeline is built, not in a worker
         self.spec, self.torch_threads = spec, torch_threads
+        self.device, self.dtype, self.window_batch = device, dtype, window_batch
         self.amortized = Metrics.counter("amortize", "docs")
 
     def setup(self) -> None:
-        from knowstream.models.encoder import load_encoder
-
         torch.set_num_threads(self.torch_threads)
-        self.encoder = load_encoder()
-        self.mac = load_amortizer(self.spec)
-        self.version = self.mac.version  # a hash over the weights: compute once
+        self.encoder = load_stage_encoder(self.device, self.dtype)
+        self.mac = load_amortizer(self.spec, self.device, self.dtype)
+        self.version = amortizer_version(self.spec)  # a hash over the weights: compute once
 
     def process(self, batch: list[dict]):
         events = [s["event"] for s in batch]
-        with torch.inference_mode():
-            entries = self.mac.amortizer.amortize_texts(self.encoder, [e.text for e in events])
-        entries = entries.to(STORE_DTYPE).cpu().numpy()
+        rows = amortize_batch(self.mac, self.encoder, events, self.version, self.window_batch)
         self.amortized.inc(len(events))
-        for event, entry in zip(events, entries, strict=True):
-            yield Modulation.from_array(
-                event.doc_id, event.content_hash, self.version, entry
-            ).to_row()
+        yield from rows
