@@ -4,19 +4,29 @@ Official SQuAD v1.1 EM/F1 (normalization of the official evaluate-v1.1.py:
 lower case, drop punctuation, drop the articles a/an/the, collapse white space;
 max over the reference answers). Greedy decoding, ``max_new_tokens`` tokens.
 
-Modes (each a row with n and a 95% bootstrap interval):
+Modes (each a row with n and a 95% bootstrap interval); ``@k`` modes read the
+top-k retrieval hits of ``models/retrieve.py`` (pipeline chunker + embedder):
 
 * ``closed_book``: the question alone in the chat template.
-* ``gold_passage``: the gold passage and the question in the prompt.
+* ``gold_passage``: the gold passage and the question in the prompt (upper bound).
+* ``rag@k``: the top-k retrieved chunks and the question in the prompt.
 * ``mac_gold``: the question alone, prefix from MAC with the gold passage's entry only.
-* ``mac_wrong``: the control: the same, with the entry of a random *other* passage
-  (seeded; another article's whenever there is one). ``mac_gold - mac_wrong`` is
-  reported with a paired bootstrap interval.
+* ``mac@k``: the question alone, prefix aggregated over the entries of the top-k
+  retrieved documents (k distinct documents).
+* ``mac+rag@k``: both: retrieved chunks in the prompt and the MAC prefix.
+* Controls: ``mac_wrong`` / ``mac_wrong@k`` / ``mac+rag_wrong@k`` are the same
+  with the entries of 1 / k random *other* passages (seeded; other articles'
+  whenever there are enough). Every MAC mode minus its control, and MAC+RAG
+  minus RAG, is reported as a paired bootstrap interval (``paired_f1``).
+* Retention (``--retention-modes``): F1 on the questions about the first 10% of
+  the documents streamed (file order), with 10%, 50% and 100% of them in memory.
 
 Command (as used for EVAL.md):
 
-    python -m knowstream.models.evaluate --data DATA/squad_v1.1_dev.jsonl.gz \
-        --split-file data/splits/squad_v1.1.json --split eval \
+    python -m knowstream.models.retrieve --data DATA/dev.jsonl --split eval --out hits.json
+    python -m knowstream.models.evaluate --data DATA/dev.jsonl \
+        --split-file data/splits/squad_v1.1.json --split eval --retrieval hits.json \
+        --retention-modes rag@5,mac@5,mac_wrong@5 \
         --checkpoint models/checkpoints/mac-squad --out results.json
 """
 
@@ -37,10 +47,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knowstream.models.qa_data import QA, load_qa, load_split, select
-from knowstream.models.train import chat_prompts, load_models, prefix_cache
+from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
+from knowstream.models.retrieve import load_retrieval
+from knowstream.models.train import chat_prompts, load_models, passage_prompt, prefix_cache
 
-MODES = ("closed_book", "gold_passage", "mac_gold", "mac_wrong")
+BASE_MODES = (
+    "closed_book",
+    "gold_passage",
+    "mac_gold",
+    "mac_wrong",
+    "rag",
+    "mac",
+    "mac+rag",
+    "mac+rag_wrong",
+)
+RETRIEVAL_MODES = ("rag", "mac", "mac+rag", "mac+rag_wrong")  # need @k; mac_wrong takes it too
+RETENTION_FRACTIONS = (0.1, 0.5, 1.0)  # of the stream in memory
+MODES = (  # the rows of EVAL.md, each MAC row next to its control
+    "closed_book",
+    "gold_passage",
+    "mac_gold",
+    "mac_wrong",
+    *(f"rag@{k}" for k in (1, 3, 5)),
+    *(m for k in (1, 3, 5, 10) for m in (f"mac@{k}", f"mac_wrong@{k}")),
+    *(m for k in (1, 3, 5) for m in (f"mac+rag@{k}", f"mac+rag_wrong@{k}")),
+)
+RETENTION_MODES = ("rag@5", "mac@5", "mac_wrong@5")
 
 
 # ----------------------------------------------------------------------------- SQuAD metrics
@@ -84,13 +116,6 @@ def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[floa
 
 
 # ----------------------------------------------------------------------------- generation
-
-
-def passage_prompt(passage: str, question: str) -> str:
-    return (
-        "Answer the question with a short span copied from the passage.\n\n"
-        f"Passage: {passage}\n\nQuestion: {question}"
-    )
 
 
 @torch.no_grad()
@@ -138,50 +163,173 @@ def generate(
     return texts
 
 
-def wrong_passages(records: list[QA], seed: int) -> list[str]:
-    """For each question, the doc_id of a random other passage, from another
-    article when the set has more than one."""
+def wrong_passages(records: list[QA], seed: int, k: int = 1, pool: list[str] | None = None):
+    """For each question, ``k`` distinct random other passages (doc ids), from other
+    articles whenever there are enough, drawn from ``pool`` (default: the records')."""
     rng = random.Random(seed)
-    docs: dict[str, str] = {}
-    for r in records:
-        docs.setdefault(r.doc_id, r.title)
-    ids = list(docs)
+    title = {r.doc_id: r.title for r in records}
+    ids = pool if pool is not None else list(title)
     out = []
     for r in records:
-        others = [d for d in ids if docs[d] != r.title] or [d for d in ids if d != r.doc_id]
-        out.append(rng.choice(others))
+        others = [d for d in ids if title.get(d) != r.title]
+        if len(others) < k:
+            others = [d for d in ids if d != r.doc_id]
+        out.append(rng.sample(others, min(k, len(others))))
     return out
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """``"mac@5"`` -> ("mac", 5); ``"closed_book"`` -> ("closed_book", 0)."""
+    name, _, k = mode.partition("@")
+    ok = (
+        name in BASE_MODES
+        and (name == "mac_wrong" or bool(k) == (name in RETRIEVAL_MODES))
+        and (not k or (k.isdigit() and int(k) > 0))
+    )
+    if not ok:
+        raise ValueError(f"unknown mode {mode!r}: one of {BASE_MODES}, @k for {RETRIEVAL_MODES}")
+    return name, int(k or 0)
+
+
+class Context:
+    """Everything the modes share: models, the amortized entries of every passage
+    of the split (computed once), and the retrieval hits of every question."""
+
+    def __init__(self, records, lm, tokenizer, encoder, mac, retrieval, batch_size, seed):
+        self.lm, self.tokenizer, self.encoder, self.mac = lm, tokenizer, encoder, mac
+        self.retrieval, self.batch_size, self.seed = retrieval, batch_size, seed
+        self.texts = passages(records)
+        self.entries: dict[str, torch.Tensor] = {}
+        if mac is not None:
+            ids = list(self.texts)
+            with torch.no_grad(), self.autocast():
+                for i in range(0, len(ids), 64):
+                    chunk = ids[i : i + 64]
+                    e = mac.amortizer.amortize_texts(encoder, [self.texts[d] for d in chunk])
+                    self.entries.update(zip(chunk, e.float(), strict=True))
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.lm.device.type == "cuda")
+
+    def hits(self, r: QA, allowed: set[str] | None) -> list[tuple[str, str]]:
+        if self.retrieval is None:
+            raise ValueError("retrieval modes need --retrieval FILE (models/retrieve.py)")
+        return [h for h in self.retrieval[r.question_id] if allowed is None or h[0] in allowed]
+
+    def bank(self, doc_ids: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries (B, N, T, d) of each question's docs, padded to the longest list, + mask."""
+        T, d = self.mac.config.n_tokens, self.mac.config.d_lm
+        N = max(1, max(len(x) for x in doc_ids))
+        bank = torch.zeros(len(doc_ids), N, T, d, device=self.lm.device)
+        mask = torch.zeros(len(doc_ids), N, dtype=torch.bool, device=self.lm.device)
+        for i, docs in enumerate(doc_ids):
+            for j, doc in enumerate(docs):
+                bank[i, j], mask[i, j] = self.entries[doc], True
+        return bank, mask
+
+
+def top_docs(hits: list[tuple[str, str]], k: int) -> list[str]:
+    """The first ``k`` distinct documents among ranked chunk hits."""
+    return list(dict.fromkeys(doc for doc, _ in hits))[:k]
 
 
 @torch.no_grad()
 def run_mode(
-    mode, records, lm, tokenizer, encoder, mac, batch_size, max_new_tokens, seed
+    mode: str, records: list[QA], ctx: Context, max_new_tokens: int, allowed: set[str] | None = None
 ) -> list[str]:
-    texts = {r.doc_id: r.text for r in records}
-    wrong = wrong_passages(records, seed) if mode == "mac_wrong" else None
+    """Predictions of ``mode`` for ``records``; ``allowed`` limits retrieval and the
+    control's passages to the documents in memory (retention runs)."""
+    name, k = parse_mode(mode)
+    wrong = None
+    if name in ("mac_wrong", "mac+rag_wrong"):
+        pool = sorted(allowed) if allowed is not None else None
+        wrong = wrong_passages(records, ctx.seed, max(k, 1), pool)
     preds: list[str] = []
-    use_amp = lm.device.type == "cuda"
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        if mode == "gold_passage":
-            prompts = chat_prompts(tokenizer, [passage_prompt(r.text, r.question) for r in batch])
+    for start in range(0, len(records), ctx.batch_size):
+        batch = records[start : start + ctx.batch_size]
+        if name == "gold_passage":
+            contents = [passage_prompt(r.text, r.question) for r in batch]
+        elif name in ("rag", "mac+rag", "mac+rag_wrong"):
+            contents = [
+                passage_prompt("\n\n".join(t for _, t in ctx.hits(r, allowed)[:k]), r.question)
+                for r in batch
+            ]
         else:
-            prompts = chat_prompts(tokenizer, [r.question for r in batch])
+            contents = [r.question for r in batch]
+        prompts = chat_prompts(ctx.tokenizer, contents)
         cache, P = None, 0
-        if mode in ("mac_gold", "mac_wrong"):
-            doc_ids = (
-                [r.doc_id for r in batch]
-                if mode == "mac_gold"
-                else wrong[start : start + len(batch)]
-            )
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                entries = mac.amortizer.amortize_texts(encoder, [texts[d] for d in doc_ids])
-                q_states, q_mask = encoder.encode([r.question for r in batch])
-                summary = mac.aggregator(q_states, q_mask, entries[:, None])
-                cache = prefix_cache(mac, summary, lm.dtype)
-            P = mac.config.prefix_len
-        preds += generate(lm, tokenizer, prompts, cache, P, max_new_tokens)
+        if name.startswith("mac"):
+            if name == "mac_gold":
+                docs = [[r.doc_id] for r in batch]
+            elif name in ("mac", "mac+rag"):
+                docs = [top_docs(ctx.hits(r, allowed), k) for r in batch]
+            else:
+                docs = wrong[start : start + len(batch)]
+            with ctx.autocast():
+                bank, mask = ctx.bank(docs)
+                q_states, q_mask = ctx.encoder.encode([r.question for r in batch])
+                summary = ctx.mac.aggregator(q_states, q_mask, bank, mask)
+                cache = prefix_cache(ctx.mac, summary, ctx.lm.dtype)
+            P = ctx.mac.config.prefix_len
+        preds += generate(ctx.lm, ctx.tokenizer, prompts, cache, P, max_new_tokens)
     return preds
+
+
+def score(preds: list[str], records: list[QA], seed: int) -> tuple[dict, np.ndarray]:
+    """The row of one mode (n, EM and F1 in percent with intervals) and per-question F1."""
+    scores = np.array([squad_scores(p, r.answers) for p, r in zip(preds, records, strict=True)])
+    em, f1 = scores[:, 0] * 100, scores[:, 1] * 100
+    row = {
+        "n": len(records),
+        "em": float(em.mean()),
+        "em_ci": bootstrap_ci(em, seed=seed),
+        "f1": float(f1.mean()),
+        "f1_ci": bootstrap_ci(f1, seed=seed),
+    }
+    return row, f1
+
+
+def paired(a: np.ndarray, b: np.ndarray, seed: int) -> dict:
+    d = a - b
+    return {"mean": float(d.mean()), "ci": bootstrap_ci(d, seed=seed)}
+
+
+def comparisons(per_q: dict[str, np.ndarray], seed: int) -> dict[str, dict]:
+    """Paired F1 differences: every MAC mode minus its control, MAC+RAG minus RAG."""
+    out = {}
+    for mode in per_q:
+        name, k = parse_mode(mode)
+        at = f"@{k}" if k else ""
+        control = {"mac_gold": "mac_wrong", "mac": "mac_wrong", "mac+rag": "mac+rag_wrong"}
+        if name in control and control[name] + at in per_q:
+            out[f"{mode} - {control[name]}{at}"] = paired(
+                per_q[mode], per_q[control[name] + at], seed
+            )
+        if name == "mac+rag" and f"rag{at}" in per_q:
+            out[f"{mode} - rag{at}"] = paired(per_q[mode], per_q[f"rag{at}"], seed)
+    return out
+
+
+def retention(
+    stream: list[str], records: list[QA], ctx: Context, modes: list[str], max_new_tokens: int
+) -> dict:
+    """F1 on the questions about the first 10% of the documents streamed, with 10%,
+    50% and 100% of the stream in memory (retrieval and controls see only those)."""
+    first = set(stream[: max(1, round(0.1 * len(stream)))])
+    qs = [r for r in records if r.doc_id in first]
+    out: dict = {"n": len(qs), "n_docs_first": len(first), "rows": {}}
+    for mode in modes:
+        f1_by = {}
+        for frac in RETENTION_FRACTIONS:
+            allowed = set(stream[: max(1, round(frac * len(stream)))])
+            row, _ = score(run_mode(mode, qs, ctx, max_new_tokens, allowed), qs, ctx.seed)
+            f1_by[f"{frac:.0%}"] = row
+        base = f1_by[f"{RETENTION_FRACTIONS[0]:.0%}"]["f1"]
+        out["rows"][mode] = {
+            "f1": f1_by,
+            "retention": {p: (r["f1"] / base if base else None) for p, r in f1_by.items()},
+        }
+    return out
 
 
 def evaluate(
@@ -197,22 +345,31 @@ def evaluate(
     max_new_tokens: int = 24,
     seed: int = 0,
     models=None,
+    retrieval: str | Path | None = None,
+    retention_modes: tuple[str, ...] | list[str] = (),
 ) -> dict:
     """EM/F1 (percent) with 95% bootstrap intervals for each mode on the questions
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
-    ``models`` may pass preloaded ``(lm, tokenizer, encoder)``."""
+    ``models`` may pass preloaded ``(lm, tokenizer, encoder)``; ``retrieval`` is a
+    file of ``models/retrieve.py``, needed by the @k modes."""
     from knowstream.models.mac import MAC
 
+    for mode in [*modes, *retention_modes]:
+        parse_mode(mode)  # fail before loading anything
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = select(load_qa(data_path), load_split(split_path)[split])
+    stream = list(passages(records))  # file order: the order documents are streamed in
+    everything = list(records)  # every passage of the split is in memory and retrievable
     random.Random(seed).shuffle(records)
     if n:
         records = records[:n]
     lm, tokenizer, encoder = models or load_models(device, lm_cache)
-    needs_mac = any(m.startswith("mac") for m in modes)
+    needs_mac = any(m.startswith("mac") for m in [*modes, *retention_modes])
     if needs_mac and checkpoint is None:
         raise ValueError("MAC modes need a checkpoint")
     mac = MAC.load(checkpoint, device) if needs_mac else None
+    hits = load_retrieval(retrieval) if retrieval else None
+    ctx = Context(everything, lm, tokenizer, encoder, mac, hits, batch_size, seed)
     result: dict = {
         "split": split,
         "n": len(records),
@@ -223,34 +380,30 @@ def evaluate(
         "rows": {},
         "examples": {},
     }
+    if hits is not None:
+        result["retrieval_hit"] = {
+            f"@{k}": float(np.mean([r.doc_id in top_docs(hits[r.question_id], k) for r in records]))
+            for k in (1, 3, 5, 10)
+        }
     per_q = {}
     for mode in modes:
         t0 = time.time()
-        preds = run_mode(
-            mode, records, lm, tokenizer, encoder, mac, batch_size, max_new_tokens, seed
-        )
-        scores = np.array([squad_scores(p, r.answers) for p, r in zip(preds, records, strict=True)])
-        em, f1 = scores[:, 0] * 100, scores[:, 1] * 100
-        per_q[mode] = f1
-        result["rows"][mode] = {
-            "n": len(records),
-            "em": float(em.mean()),
-            "em_ci": bootstrap_ci(em, seed=seed),
-            "f1": float(f1.mean()),
-            "f1_ci": bootstrap_ci(f1, seed=seed),
-            "seconds": round(time.time() - t0, 1),
-        }
+        preds = run_mode(mode, records, ctx, max_new_tokens)
+        result["rows"][mode], per_q[mode] = score(preds, records, seed)
+        result["rows"][mode]["seconds"] = round(time.time() - t0, 1)
         result["examples"][mode] = [
             {"q": r.question, "gold": r.answers[0], "pred": p}
             for p, r in zip(preds[:5], records[:5], strict=True)
         ]
-    if "mac_gold" in per_q and "mac_wrong" in per_q:
-        d = per_q["mac_gold"] - per_q["mac_wrong"]
-        result["mac_gold_minus_wrong_f1"] = {
-            "mean": float(d.mean()),
-            "ci": bootstrap_ci(d, seed=seed),
-        }
+        _log(f"{mode:18s} F1 {result['rows'][mode]['f1']:6.2f}  ({time.time() - t0:.0f} s)")
+    result["paired_f1"] = comparisons(per_q, seed)
+    if retention_modes:
+        result["retention"] = retention(stream, records, ctx, list(retention_modes), max_new_tokens)
     return result
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def main() -> None:
@@ -264,6 +417,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--lm-cache", default="")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--retrieval", default=None, help="file of models/retrieve.py (@k modes)")
+    p.add_argument("--retention-modes", default="", help=f"e.g. {','.join(RETENTION_MODES)}")
     p.add_argument("--out", default=None, help="write the result JSON here")
     a = p.parse_args()
     res = evaluate(
@@ -276,6 +431,8 @@ def main() -> None:
         a.device,
         a.lm_cache,
         a.batch_size,
+        retrieval=a.retrieval,
+        retention_modes=[m for m in a.retention_modes.split(",") if m],
     )
     text = json.dumps(res, indent=1)
     if a.out:

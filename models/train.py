@@ -75,7 +75,9 @@ val_batch = 64  # questions per validation forward
 max_answer_tokens = 24  # longer reference answers are cut (the EOS is then not trained)
 recon_weight = 0.0  # weight of the self-supervised passage-reconstruction loss (0 = off)
 recon_tokens = 48  # reconstruct the passage's first this-many LM tokens from its entry alone
+rag_frac = 0.0  # fraction of training questions asked with their passage in the prompt (mac+rag)
 seed = 0  # data order and distractors
+init_from = ""  # checkpoint folder to continue from ("" = fresh seeded weights)
 # MACConfig fields (the rest keep MACConfig's defaults: SmolLM2-135M + MiniLM shapes)
 n_tokens = 16  # T, vectors per memory entry
 prefix_len = 2  # P, prefix tokens per LM layer
@@ -106,6 +108,14 @@ def chat_prompts(tokenizer, questions: list[str]) -> list[list[int]]:
         tokenize=False,
     )
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def passage_prompt(passage: str, question: str) -> str:
+    """The user turn of a question with evidence text (gold passage or retrieved chunks)."""
+    return (
+        "Answer the question with a short span copied from the passage.\n\n"
+        f"Passage: {passage}\n\nQuestion: {question}"
+    )
 
 
 def answer_ids(tokenizer, answers: list[str], max_tokens: int) -> list[list[int]]:
@@ -198,7 +208,20 @@ class Batches:
         self.docs = list(by_doc.items())
         self.records = records
         self.prompts = chat_prompts(tokenizer, [r.question for r in records])
+        # The same questions with the passage in the prompt: the mac+rag setting,
+        # where the prefix must help (or at least not hurt) an LM that reads text.
+        self.rag_prompts = (
+            chat_prompts(tokenizer, [passage_prompt(r.text, r.question) for r in records])
+            if rag_frac > 0
+            else []
+        )
         self.answers = answer_ids(tokenizer, [r.answers[0] for r in records], max_answer_tokens)
+
+    def train_prompt(self, i: int) -> list[int]:
+        """Question ``i``'s prompt: with its passage with probability ``rag_frac``."""
+        if self.rag_prompts and self.rng.random() < rag_frac:
+            return self.rag_prompts[i]
+        return self.prompts[i]
 
     def sample(self, n_docs: int, q_per_doc: int):
         docs = self.rng.sample(self.docs, min(n_docs, len(self.docs)))
@@ -369,7 +392,7 @@ def train(
                 encoder,
                 tokenizer,
                 [tr.records[i].question for i in flat],
-                [tr.prompts[i] for i in flat],
+                [tr.train_prompt(i) for i in flat],
                 [tr.answers[i] for i in flat],
                 bank,
             )
@@ -451,7 +474,7 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer, encoder = load_models(device, lm_cache, autocast_dtype)
     cfg = MACConfig(n_tokens=n_tokens, prefix_len=prefix_len, dropout=dropout)
-    mac = MAC.init(cfg).to(device)
+    mac = MAC.load(init_from, device) if init_from else MAC.init(cfg).to(device)
     print(f"{len(train_records)} train / {len(val_records)} val questions on {device}", flush=True)
     m = train(mac, lm, tokenizer, encoder, train_records, val_records, out, log=_log)
     print(json.dumps({"best": m["best"], "steps": m["steps"]}), flush=True)

@@ -1,0 +1,87 @@
+"""Retrieval for evaluation: each question's top chunks among a split's passages.
+
+The pipeline's own parts do the work: passages are cut by the "chunk" stage's
+``chunk_spans`` (128 word pieces, 32 shared, the Settings defaults) and chunks
+and questions are embedded by the "embed" stage's MiniLM (L2-normalized mean
+pooling). Ranking is exact cosine similarity, which is what Qdrant's exact
+search returns for the same vectors, so the RAG and MAC-over-retrieved rows of
+EVAL.md see the evidence ``/ask`` would see, without a broker or a store.
+
+The result is a plain JSON file, so it can be computed on a CPU machine (the
+chunker needs apache_beam, which the GPU machine lacks) and carried along:
+
+    python -m knowstream.models.retrieve --data ../shared/data/squad_v1.1/dev.jsonl \
+        --split-file data/splits/squad_v1.1.json --split eval --out retrieval-eval.json
+
+    {"top": 50, "chunks": [[doc_id, chunk_text], ...], "hits": {question_id: [chunk index,
+     ...best first]}}
+"""
+
+from __future__ import annotations
+
+import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
+
+# isort: split
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
+
+TOP = 50  # hits kept per question: enough for k <= 10 distinct documents, and for retention
+# runs that drop the hits of documents not yet streamed
+
+
+def retrieve(
+    records: list[QA], encoder, top: int = TOP, chunk_tokens: int = 128, chunk_overlap: int = 32
+) -> dict:
+    """The records' passages cut into chunks, and each question's ``top`` best chunks
+    (the file format above)."""
+    from knowstream.pipelines.stages.chunk import chunk_spans
+
+    owners: list[str] = []
+    texts: list[str] = []
+    for doc_id, text in passages(records).items():
+        for s in chunk_spans(text, encoder.tokenizer, chunk_tokens, chunk_overlap):
+            owners.append(doc_id)
+            texts.append(text[s.char_start : s.char_end])
+    chunk_emb = encoder.embed(texts)
+    q_emb = encoder.embed([r.question for r in records])
+    scores = q_emb @ chunk_emb.T  # cosine: both sides are L2-normalized
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    return {
+        "top": top,
+        "chunks": list(zip(owners, texts, strict=True)),
+        "hits": {r.question_id: row.tolist() for r, row in zip(records, best, strict=True)},
+    }
+
+
+def load_retrieval(path: str | Path) -> dict[str, list[tuple[str, str]]]:
+    """question_id -> its ranked (doc_id, chunk text) hits."""
+    d = json.loads(Path(path).read_text())
+    chunks = [(doc_id, text) for doc_id, text in d["chunks"]]
+    return {q: [chunks[j] for j in hits] for q, hits in d["hits"].items()}
+
+
+def main() -> None:
+    from knowstream.models.encoder import load_encoder
+
+    p = argparse.ArgumentParser(description="top chunks per question of a split (JSON)")
+    p.add_argument("--data", required=True, help="SQuAD-format JSONL (.gz ok)")
+    p.add_argument("--split-file", default="data/splits/squad_v1.1.json")
+    p.add_argument("--split", default="eval", choices=["train", "validation", "eval"])
+    p.add_argument("--top", type=int, default=TOP)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    records = select(load_qa(a.data), load_split(a.split_file)[a.split])
+    result = retrieve(records, load_encoder(), a.top)
+    Path(a.out).write_text(json.dumps(result))
+    chunks, hits = result["chunks"], result["hits"]
+    hit1 = np.mean([chunks[hits[r.question_id][0]][0] == r.doc_id for r in records])
+    print(f"{len(records)} questions, top-1 chunk from the gold passage: {hit1:.3f}")
+
+
+if __name__ == "__main__":
+    main()
