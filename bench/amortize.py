@@ -78,6 +78,7 @@ def pyarrow_stand_in() -> bool:
         return False
     except ImportError:
         pass
+
     def attribute(name: str) -> Callable[..., None]:
         if name.startswith("__"):  # __file__, __path__, ...: absent, as tools probing expect
             raise AttributeError(name)
