@@ -108,6 +108,7 @@ def ingest_flow(
                 # drained topic (``--once`` exits, status stays "running").
                 _require_broker(settings)
                 return None
+            reruns = 0
             while True:
                 try:
                     report = process_batch(
@@ -123,7 +124,10 @@ def ingest_flow(
                     # Another worker published first: rebuild this batch on the new
                     # live. Keep the consumer: leaving the group would rebalance
                     # the other worker mid-batch too.
+                    reruns += 1
                     log.info("live moved while this batch was processed; rerunning it")
+            if reruns:  # lost compare-and-sets, visible in the report (contention)
+                report.counters["ingest.cas_reruns"] = reruns
             if report.dead_letters:
                 send_dead_letters(settings, report.dead_letters)
             consumer.commit(records)

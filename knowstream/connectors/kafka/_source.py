@@ -11,7 +11,9 @@ Two facts about the local broker (tansu 0.6) shape everything here:
    is correct. The second rule only saves the idle wait of the first: it is
    "caught up as of the last fetch", and anything produced later belongs to the
    next read. An empty poll counts only once every partition has answered a
-   fetch: before that, "empty" may just mean "not asked yet" (see ``_drained``).
+   fetch and no position is below its partition's last high watermark: before
+   that, "empty" may just mean "not asked yet" or "rejoining the group" (see
+   ``_drained``).
 2. Its timestamp lookup (``offsets_for_times``) answers at batch granularity and,
    when no record is at or after the timestamp, returns offset 0 with timestamp
    -1 instead of "none". Timestamp ranges therefore seek with it and then filter
@@ -158,7 +160,11 @@ class BatchConsumer:
         records: list[KafkaRecord] = []
         deadline = time.monotonic() + self._join_timeout_s
         while not self._consumer.assignment():
-            if time.monotonic() > deadline:
+            # A join still in flight is no outage (see ``_timed_out``). Without
+            # this rule a second worker gave up after 30 s whenever the first one
+            # was in a longer batch, left the group (another rebalance for the
+            # busy worker) and retried into the same wait.
+            if _timed_out(self._consumer, deadline):
                 raise TimeoutError(
                     f"consumer group {self.group_id!r} got no partition of topic "
                     f"{self._settings.topic!r} within {self._join_timeout_s:.0f} s: is the "
@@ -348,22 +354,56 @@ def _drained(
 
     After records: over when every position has reached the high watermark of its
     partition's last fetch response. After an empty poll: over, unless some
-    partition has had no fetch response at all yet; then the poll was only slow
-    (offset lookup, slow storage), and stopping would report "no data" for data
-    never asked for. Raises ``TimeoutError`` when that lasts past ``deadline``.
+    partition has had no fetch response at all yet, or its position is still
+    below the high watermark of its last one; then the poll was only slow
+    (offset lookup, slow storage, a group rebalance), and stopping would report
+    "no data" for data never asked for, or known to be there. Raises
+    ``TimeoutError`` when that lasts past ``deadline``.
     """
     tps = list(partitions)
     highs = [consumer.highwater(tp) for tp in tps]
-    if polled:
-        return all(
-            high is not None and consumer.position(tp) >= high
-            for tp, high in zip(tps, highs, strict=True)
-        )
-    if all(high is not None for high in highs):
-        return True
-    if time.monotonic() > deadline:
+    caught_up = all(
+        high is not None and consumer.position(tp) >= high
+        for tp, high in zip(tps, highs, strict=True)
+    )
+    if polled or caught_up:
+        # After an empty poll, "caught up" must include the positions: a poll
+        # spent rejoining the group (another member joined or left; a tansu join
+        # takes ~3 s, longer than a poll timeout) comes back empty while the
+        # partitions keep their positions and high watermarks. Taking that for
+        # "drained" made `ingest --once` exit with records left behind, and no
+        # error (tests/test_two_workers.py: up to 11 of 24 documents lost).
+        return caught_up
+    if _timed_out(consumer, deadline):
         raise TimeoutError(
             f"no fetch response for {[str(tp) for tp in tps]} within "
             f"{FIRST_FETCH_TIMEOUT_S:.0f} s: is the broker up?"
         )
     return False
+
+
+def _timed_out(consumer: KafkaConsumer, deadline: float) -> bool:
+    """Whether a wait for the broker that should have ended by ``deadline`` has
+    timed out.
+
+    Not while this consumer's group (re)join is in flight at a coordinator it can
+    reach: the broker answers a JoinGroup only once every member has rejoined, and
+    a member rejoins at its next poll, i.e. after the micro-batch it is busy with,
+    which may take minutes. Waiting for that is part of sharing partitions, not an
+    outage. The broker ends any rebalance within the rebalance timeout we send
+    (``MAX_POLL_INTERVAL_MS``, dropping members that take longer), so that much
+    longer at most. A broker that goes away makes the coordinator unknown, and
+    ``deadline`` applies again.
+    """
+    now = time.monotonic()
+    if now <= deadline:
+        return False
+    # kafka-python has no public accessor for the member state; groupless
+    # readers (and a kafka-python without it) fall back to the plain deadline.
+    coordinator = getattr(consumer, "_coordinator", None)
+    joining = (
+        coordinator is not None
+        and coordinator.rebalance_in_progress()
+        and not coordinator.coordinator_unknown()
+    )
+    return not (joining and now <= deadline + MAX_POLL_INTERVAL_MS / 1000)
