@@ -3,7 +3,10 @@
 A backfill replays a range of the topic (offsets or timestamps), or a Parquet
 archive of events, into new versions on top of a base version (``live`` by
 default, or nothing for a fresh line) without touching ``live``, optionally
-with another amortizer. Documents built by other models than the base's are
+with another amortizer: a checkpoint folder or a registry version
+(``models:/knowstream-amortizer/3``, ``models:/knowstream-amortizer@candidate``),
+which the batch pins once and records in the manifest (``amortizer_model``,
+``amortizer_model_version``). Documents built by other models than the base's are
 rebuilt (the dedup key includes the model fingerprint). ``promote`` then makes
 the result live; ``rollback`` points ``live`` back at any published version.
 Both are O(1): they move the MLflow alias, no data is copied.
@@ -50,7 +53,9 @@ def backfill_flow(
     amortizer: str | None = None,
     promote: bool = False,
 ) -> BatchReport:
-    """Replay into a new version built on ``base`` ("live", "none" or a version number)."""
+    """Replay into a new version built on ``base`` ("live", "none" or a version number).
+
+    ``amortizer``: any ``Settings.amortizer`` spec, registry versions included."""
     settings = settings or Settings()
     if amortizer:
         settings = settings.model_copy(update={"amortizer": amortizer})

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import opaque
 
 from knowstream.connectors.kafka import KafkaRecord
+from knowstream.connectors.mlflow._registry import ResolvedAmortizer, resolve_amortizer
 from knowstream.memory import Memory, StaleParent
 from knowstream.pipelines.pipeline import run_batch
 from knowstream.pipelines.stages.amortize import load_amortizer
@@ -36,20 +37,38 @@ class BatchReport:
     dead_letters: list[dict] = field(default_factory=list)
 
 
-def model_versions(settings: Settings) -> dict[str, str]:
-    """Versions of everything that derives data from a document; recorded per snapshot."""
+# Where the amortizer came from (registry name and version): recorded in the manifest,
+# but not part of the fingerprint, which the weights hash ("amortizer") already covers.
+PROVENANCE = ("amortizer_model", "amortizer_model_version")
+
+
+def model_versions(
+    settings: Settings, amortizer: ResolvedAmortizer | None = None
+) -> dict[str, str]:
+    """Versions of everything that derives data from a document; recorded per snapshot.
+
+    ``amortizer`` is the batch's resolved amortizer spec (resolved here if not given).
+    """
     from knowstream.models.encoder import encoder_version
 
-    return {
+    amortizer = amortizer or resolve_amortizer(settings)
+    versions = {
         "embedder": encoder_version(),
-        "amortizer": load_amortizer(settings.amortizer).version,
+        "amortizer": load_amortizer(amortizer.path).version,
         "chunker": f"{CHUNKER_VERSION}:{settings.chunk_tokens}/{settings.chunk_overlap}",
         "triples": TRIPLES_VERSION,
     }
+    if settings.amortize_dtype != "float32":  # entries differ slightly: rebuild on a change
+        versions["amortize_dtype"] = settings.amortize_dtype
+    if amortizer.name is not None:
+        versions["amortizer_model"] = amortizer.name
+        versions["amortizer_model_version"] = str(amortizer.version)
+    return versions
 
 
 def fingerprint(versions: dict[str, str]) -> str:
     """Dedup key part: a doc built by other models or settings is rebuilt."""
+    versions = {k: v for k, v in versions.items() if k not in PROVENANCE}
     return hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -85,7 +104,11 @@ def _doc_id_hint(record: KafkaRecord) -> str | None:
 def pipeline_task(
     settings: Settings, memory: Memory, records: list[KafkaRecord], parent: int | None
 ):
-    versions = model_versions(settings)
+    # Pin the amortizer once for the whole batch (an alias may move meanwhile); the
+    # pipeline gets the local checkpoint folder, so its workers never read the registry.
+    amortizer = resolve_amortizer(settings)
+    settings = settings.model_copy(update={"amortizer": amortizer.path})
+    versions = model_versions(settings, amortizer)
     doc_ids = sorted({d for d in map(_doc_id_hint, records) if d})
     known = memory.known(parent, doc_ids)
     staging = settings.staging_dir / uuid.uuid4().hex

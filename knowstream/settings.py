@@ -13,10 +13,11 @@ in-process FnApiRunner. Production swaps these by configuration only.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Telemetry and hub lookups off before any of these libraries is imported:
@@ -68,7 +69,10 @@ class Settings(BaseSettings):
     embed_batch: int = 32  # chunks per embedding forward pass
     amortize_batch: int = 16  # documents per amortizer forward pass
     max_text_chars: int = 200_000  # larger documents go to the dead-letter topic
-    amortizer: str = "init"  # checkpoint path, or "init" (seeded, untrained weights)
+    # checkpoint folder, "init" (seeded, untrained weights), or a version of the MLflow
+    # registry: "models:/NAME@ALIAS", "models:/NAME/VERSION", "registry" (= models:/
+    # <amortizer_model>@live)
+    amortizer: str = "init"
     beam_args: list[str] = Field(default_factory=lambda: ["--runner=FnApiRunner"])
     torch_threads: int = 1  # on 2 busy cores one thread is often fastest
     amortize_device: str = "cpu"  # where the amortize stage runs: "cpu", "cuda", "cuda:1"
@@ -77,6 +81,13 @@ class Settings(BaseSettings):
 
     # --- serving ------------------------------------------------------------------
     api_token: SecretStr | None = None  # bearer token for /ask and /admin; env only, never logged
+
+    @field_validator("amortizer")
+    @classmethod
+    def _amortizer_spec(cls, spec: str) -> str:
+        if spec.startswith("models:/") and not re.fullmatch(r"models:/[^/@]+(@[\w-]+|/\d+)", spec):
+            raise ValueError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, not {spec!r}")
+        return spec
 
     @property
     def dlq_topic(self) -> str:

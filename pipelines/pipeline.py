@@ -93,7 +93,16 @@ def build(
         >> beam.BatchElements(
             min_batch_size=settings.amortize_batch, max_batch_size=settings.amortize_batch
         )
-        | "amortize" >> beam.ParDo(Amortize(settings.amortizer, settings.torch_threads))
+        | "amortize"
+        >> beam.ParDo(
+            Amortize(
+                settings.amortizer,
+                settings.torch_threads,
+                settings.amortize_device,
+                settings.amortize_dtype,
+                settings.amortize_window_batch,
+            )
+        )
     )  # MODULATION rows, (T, d_lm) float16 each
 
     docs = (

@@ -6,8 +6,11 @@
 The amortizer is the MAC amortization network of ``knowstream.models.mac``:
 the frozen MiniLM encoder reads the document and T learned queries distil it
 into T vectors of the frozen LM's width. ``spec`` names the weights: a
-checkpoint path, or "init" for the seeded untrained network (same weights on
-every machine, so its version is stable).
+checkpoint path, "bundled", or "init" for the seeded untrained network (same
+weights on every machine, so its version is stable). A registry spec
+(``models:/NAME@ALIAS``) is resolved to a local checkpoint folder by the batch
+before the pipeline is built (``flows/batch.py``), so workers never read the
+registry and one batch never mixes two amortizers; the stage refuses one.
 
 Entries are stored as float16: half the bytes of float32, and well within the
 precision the LM's prefix needs. ``device`` and ``dtype`` (settings
@@ -28,6 +31,7 @@ from knowstream.pipelines.stages.amortize_compute import (
     WINDOW_BATCH,
     amortize_batch,
     amortizer_version,
+    is_registry_spec,
     load_amortizer,
     load_stage_encoder,
     torch_dtype,
@@ -46,6 +50,8 @@ class Amortize(beam.DoFn):
         window_batch: int = WINDOW_BATCH,
     ) -> None:
         torch_dtype(dtype)  # a wrong name fails when the pipeline is built, not in a worker
+        if is_registry_spec(spec):
+            raise ValueError(f"resolve the registry spec {spec!r} before building the pipeline")
         self.spec, self.torch_threads = spec, torch_threads
         self.device, self.dtype, self.window_batch = device, dtype, window_batch
         self.amortized = Metrics.counter("amortize", "docs")

@@ -43,6 +43,12 @@ class AmortizeEvent(Protocol):
     def content_hash(self) -> str: ...
 
 
+def is_registry_spec(spec: str) -> bool:
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or "registry": an MLflow registry
+    version, which the batch resolves to a local folder before the pipeline runs."""
+    return spec == "registry" or spec.startswith("models:/")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
@@ -54,8 +60,15 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_amortizer(spec: str, device: str = "cpu", dtype: str = "float32") -> MAC:
     """The MAC networks named by ``spec`` on ``device`` in ``dtype``, loaded once per process.
 
-    ``spec`` is a checkpoint folder, or "init" for the seeded untrained network.
+    ``spec`` is a checkpoint folder, or "init" for the seeded untrained network. A registry
+    spec (``models:/...``, "registry") is resolved to a folder first, once per batch, by
+    ``connectors.mlflow._registry.resolve_amortizer``: workers never read the registry.
     """
+    if is_registry_spec(spec):
+        raise ValueError(
+            f"amortizer spec {spec!r} names a registry version: resolve it to a checkpoint "
+            "folder first (knowstream.connectors.mlflow._registry.resolve_amortizer)"
+        )
     mac = MAC.init(MACConfig()) if spec == "init" else MAC.load(Path(spec))
     if device != "cpu" or dtype != "float32":
         # Its own cache entry: the float32 CPU model stays as it is for its other users

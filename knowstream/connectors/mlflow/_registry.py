@@ -14,13 +14,21 @@ A version goes through two states, kept in its ``state`` tag:
 
 A version still ``pending`` whose writer died is ``abandoned`` by the next
 writer, after its data is purged (see ``knowstream.memory.recover``).
+
+The same registry holds the trained amortizers (``knowstream-amortizer``,
+registered by ``flows/train.py``): ``resolve_amortizer`` pins an amortizer spec
+(``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``registry``) to one
+version and a local copy of its checkpoint, once per batch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,3 +194,110 @@ class Registry:
         info = self.get(version)
         text = mlflow.artifacts.load_text(f"runs:/{info.run_id}/snapshot/manifest.json")
         return SnapshotManifest.from_json(text)
+
+
+# --- the amortizer's registry: specs "models:/NAME@ALIAS", "models:/NAME/VERSION", "registry"
+REGISTRY_SPEC = "registry"  # short for models:/<Settings.amortizer_model>@live
+_MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))")
+_CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+
+class AmortizerRegistryError(RuntimeError):
+    """The amortizer's registry could not be read: the batch builds nothing (retried)."""
+
+
+@dataclass(frozen=True)
+class ResolvedAmortizer:
+    """An amortizer spec pinned for one batch: ``path`` is what the Beam stage loads
+    (a local checkpoint folder, "bundled" or "init"); ``name`` and ``version`` say
+    which registry version it is, when the spec came from the registry."""
+
+    spec: str
+    path: str
+    name: str | None = None
+    version: int | None = None
+
+
+def is_registry_spec(spec: str) -> bool:
+    return spec == REGISTRY_SPEC or spec.startswith("models:/")
+
+
+def parse_registry_spec(spec: str, default_model: str) -> tuple[str, str | None, int | None]:
+    """(name, alias, version) of a registry spec; exactly one of alias and version is set."""
+    if spec == REGISTRY_SPEC:
+        return default_model, LIVE, None
+    m = _MODELS_URI.fullmatch(spec)
+    if m is None:
+        raise ValueError(
+            f"amortizer spec {spec!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    version = m["version"]
+    return m["name"], m["alias"], int(version) if version else None
+
+
+def amortizer_cache_dir(settings: Settings, name: str, version: int) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return settings.home / "cache" / "amortizer" / f"{safe}-v{version}"
+
+
+def resolve_amortizer(settings: Settings, spec: str | None = None) -> ResolvedAmortizer:
+    """Pin ``spec`` (default ``settings.amortizer``) to a local checkpoint folder.
+
+    A registry spec is resolved to a concrete version once (an alias may move
+    later: the caller keeps this answer for the whole batch), and that version's
+    checkpoint is downloaded once into ``<home>/cache/amortizer/<name>-v<version>``
+    (a temporary folder renamed into place, so the folder is complete or absent).
+    A pinned version already in the cache needs no registry. Other specs pass
+    through. Raises ``AmortizerRegistryError`` when the registry cannot be read,
+    ``LookupError`` when the model, alias or version does not exist.
+    """
+    spec = settings.amortizer if spec is None else spec
+    if not is_registry_spec(spec):
+        return ResolvedAmortizer(spec, spec)
+    name, alias, version = parse_registry_spec(spec, settings.amortizer_model)
+    if version is not None and _complete(folder := amortizer_cache_dir(settings, name, version)):
+        return ResolvedAmortizer(spec, str(folder), name, version)
+    if not settings.mlflow_uri:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    where = f"{spec} at {settings.tracking_uri}"
+    try:
+        client = MlflowClient(settings.tracking_uri)
+        if alias is not None:
+            version = int(client.get_model_version_by_alias(name, alias).version)
+        else:
+            client.get_model_version(name, str(version))  # exists?
+        folder = amortizer_cache_dir(settings, name, version)
+        if not _complete(folder):
+            _download(settings, client.get_model_version_download_uri(name, str(version)), folder)
+    except MlflowException as e:
+        if e.error_code in _NOT_FOUND:
+            raise LookupError(f"amortizer {where}: {e.message}") from e
+        raise AmortizerRegistryError(f"amortizer registry unreadable ({where}): {e}") from e
+    except OSError as e:
+        raise AmortizerRegistryError(f"amortizer registry unreadable ({where}): {e!r}") from e
+    return ResolvedAmortizer(spec, str(folder), name, version)
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _CHECKPOINT_FILES)
+
+
+def _download(settings: Settings, uri: str, folder: Path) -> None:
+    """The checkpoint artifacts at ``uri`` into ``folder``, atomically (temp dir + rename)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp), tracking_uri=settings.tracking_uri
+            )
+        )
+        if not _complete(local):
+            raise LookupError(f"{uri}: not a MAC checkpoint (needs {_CHECKPOINT_FILES})")
+        try:
+            local.rename(folder)
+        except OSError:
+            if not _complete(folder):  # another process won the rename: theirs is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
