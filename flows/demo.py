@@ -8,7 +8,10 @@
    an answer's evidence changes, a deleted document is gone, bad messages are
    in the dead-letter topic,
 4. roll back to version 1: the old evidence is served again,
-5. print the snapshot history, stop the broker.
+5. the LM's answers (mode mac+rag: retrieved chunks in the prompt plus the
+   memory's modulation from the shipped trained amortizer) to the questions the
+   update changes, from version 1, version 2 and after the rollback,
+6. print the snapshot history, stop the broker.
 
 It starts from empty state in its own ``--home`` (refusing to wipe a folder it
 did not create) so that every run shows versions 1 and 2.
@@ -59,6 +62,46 @@ def _show(console: Console, result, answer: str, *, expect: bool) -> None:
     console.print(f"  updated answer {answer!r} in the evidence: {found} (as expected: {mark})")
 
 
+ANSWER_MODE = "mac+rag"  # the measured best mode (EVAL.md)
+
+
+def _answers(memory, questions: list[dict], version: int | None) -> list[str]:
+    """The LM's answers from memory ``version`` (None: live), through the code path of /ask."""
+    from knowstream.serving.generate import answer, retrieve
+
+    out = []
+    for q in questions:
+        result, bank = retrieve(memory, q["question"], version=version, k=3, mode=ANSWER_MODE)
+        out.append(answer(memory, result, bank, ANSWER_MODE) or "")
+    return out
+
+
+def _answer_table(questions: list[dict], old: dict[str, str], columns: dict[str, list[str]]):
+    """Question, the answer before and after the update, and what each version's memory
+    made the LM say (F1 against the updated answer)."""
+    from rich.table import Table
+
+    from knowstream.models.evaluate import squad_scores
+
+    table = Table(title=f"answers (mode {ANSWER_MODE}, k=3)", show_lines=True)
+    for col in ("question", "before update", "after update", *columns):
+        table.add_column(col)
+    for i, q in enumerate(questions):
+        cells = []
+        for answers in columns.values():
+            f1_new = squad_scores(answers[i], q["answers"])[1]
+            f1_old = (
+                squad_scores(answers[i], [old[q["question_id"]]])[1]
+                if q["question_id"] in old
+                else 0.0
+            )
+            cells.append(f"{answers[i]}\n[dim]F1 new {f1_new:.2f} / old {f1_old:.2f}[/dim]")
+        table.add_row(
+            q["question"], old.get(q["question_id"], "(no document)"), q["answers"][0], *cells
+        )
+    return table
+
+
 def run_demo(settings: Settings, data: Path, console: Console) -> None:
     from knowstream.cli import print_result, snapshot_table
     from knowstream.connectors.kafka import count_messages, produce_file
@@ -81,6 +124,15 @@ def run_demo(settings: Settings, data: Path, console: Console) -> None:
         q for q in _read_jsonl(data / "questions_updates.jsonl") if q["doc_id"] in changed
     ][:2]
     deleted_qs = [q for q in _read_jsonl(data / "questions.jsonl") if q["doc_id"] in deleted][:1]
+    # Questions whose answer the update changes (rewritten facts, new documents), and
+    # each rewritten one's answer before the update (its original SQuAD question).
+    update_qs = _read_jsonl(data / "questions_updates.jsonl")
+    originals = {q["question_id"]: q for q in _read_jsonl(data / "questions.jsonl")}
+    before = {
+        q["question_id"]: originals[orig]["answers"][0]
+        for q in update_qs
+        if (orig := q["question_id"].removeprefix("synthetic-upd-")) in originals
+    }
 
     console.print(Rule("1. start the broker"))
     services.start_broker(settings)
@@ -121,12 +173,26 @@ def run_demo(settings: Settings, data: Path, console: Console) -> None:
         dead = count_messages(settings, settings.dlq_topic)
         console.print(f"dead letters on '{settings.dlq_topic}': {dead}")
 
+        with console.status("loading the LM and answering the changed questions (CPU)..."):
+            columns = {
+                f"version {v1}": _answers(memory, update_qs, v1),
+                f"live (version {v2})": _answers(memory, update_qs, None),
+            }
+
         console.print(Rule(f"4. roll back to version {v1}"))
         rollback_flow(v1, settings)
         for q in changed_qs:
             _show(console, query(memory, q["question"], k=3), q["answers"][0], expect=False)
+        with console.status("answering from the rolled-back live version..."):
+            live = memory.resolve(None)
+            columns[f"live after rollback (version {live})"] = _answers(
+                settings, memory, update_qs, None
+            )
 
-        console.print(Rule("5. snapshot history"))
+        console.print(Rule("5. answers from the frozen LM with the memory"))
+        console.print(_answer_table(update_qs, before, columns))
+
+        console.print(Rule("6. snapshot history"))
         console.print(snapshot_table(memory.history()))
     finally:
         services.stop_all(settings)

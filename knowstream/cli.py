@@ -244,12 +244,24 @@ def ask(
     question: str,
     version: Annotated[int | None, typer.Option(help="Memory version; default: live.")] = None,
     k: Annotated[int, typer.Option(help="Chunks to retrieve.")] = 5,
+    mode: Annotated[
+        str, typer.Option(help="evidence | rag | mac | mac+rag (the last three: LM answers).")
+    ] = "evidence",
 ) -> None:
-    """Evidence chunks, source docs and related triples for QUESTION."""
+    """Evidence chunks, source docs, related triples and (modes rag, mac, mac+rag) the
+    LM's answer for QUESTION: the code path of the HTTP API's /ask."""
     from knowstream.memory import Memory
-    from knowstream.query import query
+    from knowstream.serving.generate import MODES, answer, retrieve
 
-    print_result(query(Memory(_settings(ctx)), question, version=version, k=k))
+    if mode not in ("evidence", *MODES):
+        raise typer.BadParameter(f"mode must be evidence or one of {MODES}")
+    settings = _settings(ctx)
+    memory = Memory(settings)
+    result, bank = retrieve(memory, question, version=version, k=k, mode=mode)
+    print_result(result)
+    reply = answer(memory, result, bank, mode)
+    if reply is not None:
+        console.print(f"[bold]answer ({mode}, version {result.version}):[/bold] {reply}")
 
 
 @app.command()

@@ -69,10 +69,10 @@ class Settings(BaseSettings):
     embed_batch: int = 32  # chunks per embedding forward pass
     amortize_batch: int = 16  # documents per amortizer forward pass
     max_text_chars: int = 200_000  # larger documents go to the dead-letter topic
-    # checkpoint folder, "init" (seeded, untrained weights), or a version of the MLflow
-    # registry: "models:/NAME@ALIAS", "models:/NAME/VERSION", "registry" (= models:/
-    # <amortizer_model>@live)
-    amortizer: str = "init"
+    # checkpoint folder, "bundled" (the trained checkpoint shipped in models/checkpoints/),
+    # "init" (seeded, untrained weights), or a version of the MLflow registry:
+    # "models:/NAME@ALIAS", "models:/NAME/VERSION", "registry" (= models:/<amortizer_model>@live)
+    amortizer: str = "bundled"
     beam_args: list[str] = Field(default_factory=lambda: ["--runner=FnApiRunner"])
     torch_threads: int = 1  # on 2 busy cores one thread is often fastest
     amortize_device: str = "cpu"  # where the amortize stage runs: "cpu", "cuda", "cuda:1"

@@ -139,6 +139,10 @@ def generate(
         from transformers import DynamicCache
 
         cache = DynamicCache()
+    # Any special token ends an answer, not only the EOS (<|im_end|>): the model sometimes
+    # skips it and opens the next chat turn (<|im_start|>assistant ...), whose text
+    # skip_special_tokens would otherwise glue onto the answer.
+    stops = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=dev)
     out = []
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(max_new_tokens):
@@ -148,7 +152,7 @@ def generate(
         nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos_token_id), nxt)
         out.append(nxt)
-        done |= nxt == tokenizer.eos_token_id
+        done |= torch.isin(nxt, stops)
         if bool(done.all()):
             break
         ids = nxt[:, None]
@@ -156,9 +160,9 @@ def generate(
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], 1)
     toks = torch.stack(out, 1).tolist()
     texts = []
+    stop_set = set(stops.tolist())
     for t in toks:
-        if tokenizer.eos_token_id in t:
-            t = t[: t.index(tokenizer.eos_token_id)]
+        t = t[: next((i for i, x in enumerate(t) if x in stop_set), len(t))]
         texts.append(tokenizer.decode(t, skip_special_tokens=True).strip())
     return texts
 

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, Field
 
 from knowstream.memory import Memory
-from knowstream.query import query
+from knowstream.serving.generate import answer, retrieve
 from knowstream.settings import Settings
 
 
@@ -107,25 +107,18 @@ def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
             raise HTTPException(503, "no live memory version yet")
         try:
             with reads or _nothing():
-                result = query(memory, req.question, version=version, k=req.k)
-                bank = None
-                if req.mode in ("mac", "mac+rag"):
-                    doc_ids = list(dict.fromkeys(h.doc_id for h in result.hits))
-                    bank = memory.view(version).modulation_bank(doc_ids) if doc_ids else None
+                result, bank = retrieve(
+                    memory, req.question, version=version, k=req.k, mode=req.mode
+                )
         except (LookupError, KeyError) as e:
             requests.labels("ask", "404").inc()
             raise HTTPException(404, str(e)) from None
-        answer = None
-        if req.mode != "evidence":
-            from knowstream.serving.generate import Generator
-
-            generator = Generator.get(settings.amortizer)
-            answer = generator.answer(req.question, req.mode, [h.text for h in result.hits], bank)
+        reply = answer(memory, result, bank, req.mode)
         requests.labels("ask", "200").inc()
         latency.labels(req.mode).observe(time.perf_counter() - started)
         return {
             "question": req.question,
-            "answer": answer,
+            "answer": reply,
             "mode": req.mode,
             "version": result.version,
             "evidence": [h.__dict__ for h in result.hits],

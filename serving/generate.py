@@ -14,34 +14,48 @@ from __future__ import annotations
 
 import threading
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from knowstream.memory import Memory
+    from knowstream.query import QueryResult
 
 MODES = ("rag", "mac", "mac+rag")
 MAX_NEW_TOKENS = 24  # answers are short spans
 
 
 class Generator:
-    def __init__(self, amortizer: str) -> None:
+    """The frozen LM and encoder, loaded once per process; MAC networks per amortizer."""
+
+    def __init__(self) -> None:
         from knowstream.models.encoder import load_encoder
         from knowstream.models.lm import load_lm
-        from knowstream.pipelines.stages.amortize import load_amortizer
 
         self.lm, self.tokenizer = load_lm()
         self.encoder = load_encoder()
-        self.mac = load_amortizer(amortizer)
         self._lock = threading.Lock()  # one generation at a time per process (CPU-bound)
 
     @staticmethod
     @cache
-    def get(amortizer: str) -> Generator:
-        return Generator(amortizer)
+    def get() -> Generator:
+        return Generator()
 
     @torch.no_grad()
-    def answer(self, question: str, mode: str, passages: list[str], bank: np.ndarray | None) -> str:
-        from knowstream.models.evaluate import generate, passage_prompt
-        from knowstream.models.train import chat_prompts, prefix_cache
+    def answer(
+        self,
+        question: str,
+        mode: str,
+        passages: list[str],
+        bank: np.ndarray | None,
+        amortizer: str | None = None,
+    ) -> str:
+        """``amortizer``: checkpoint folder of the MAC networks (modes mac, mac+rag)."""
+        from knowstream.models.evaluate import generate
+        from knowstream.models.train import chat_prompts, passage_prompt, prefix_cache
+        from knowstream.pipelines.stages.amortize_compute import load_amortizer
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -50,12 +64,69 @@ class Generator:
             content = passage_prompt("\n\n".join(passages), content)
         prefix, P = None, 0
         if mode != "rag" and bank is not None and len(bank):
+            if amortizer is None:
+                raise ValueError(f"mode {mode} needs the amortizer that built the entries")
+            mac = load_amortizer(amortizer)
             q_states, q_mask = self.encoder.encode([question])
             entries = torch.from_numpy(np.asarray(bank, dtype=np.float32))[None]
-            prefix = prefix_cache(
-                self.mac, self.mac.aggregator(q_states, q_mask, entries), self.lm.dtype
-            )
-            P = self.mac.config.prefix_len
+            prefix = prefix_cache(mac, mac.aggregator(q_states, q_mask, entries), self.lm.dtype)
+            P = mac.config.prefix_len
         with self._lock:
             prompts = chat_prompts(self.tokenizer, [content])
             return generate(self.lm, self.tokenizer, prompts, prefix, P, MAX_NEW_TOKENS)[0]
+
+
+def retrieve(
+    memory: Memory, question: str, *, version: int | None, k: int, mode: str
+) -> tuple[QueryResult, np.ndarray | None]:
+    """Evidence for ``question`` from one memory version, and for the MAC modes the
+    memory entries of the documents behind that evidence (the bank to aggregate)."""
+    from knowstream.query import query
+
+    result = query(memory, question, version=version, k=k)
+    bank = None
+    if mode in ("mac", "mac+rag"):
+        doc_ids = list(dict.fromkeys(h.doc_id for h in result.hits))
+        bank = memory.view(result.version).modulation_bank(doc_ids) if doc_ids else None
+    return result, bank
+
+
+def amortizer_for(memory: Memory, version: int) -> str:
+    """The checkpoint folder of the amortizer that built memory ``version``'s entries.
+
+    MAC's aggregator and expansion only understand entries of the amortizer they were
+    trained with, so a served version must be answered with *its* amortizer, not
+    whatever ``Settings.amortizer`` says today (a backfill with a new amortizer,
+    promoted, then rolled back, flips between two). The manifest's registry version
+    is used when the entries came from the registry; otherwise the configured spec,
+    checked against the weights hash the manifest recorded.
+    """
+    import json
+
+    from knowstream.connectors.mlflow._registry import resolve_amortizer
+    from knowstream.pipelines.stages.amortize_compute import load_amortizer
+
+    settings = memory.settings
+    built = json.loads(memory.registry.get(version).tags.get("model_versions", "{}"))
+    spec = settings.amortizer
+    if "amortizer_model_version" in built:
+        spec = f"models:/{built['amortizer_model']}/{built['amortizer_model_version']}"
+    path = resolve_amortizer(settings, spec).path
+    want = built.get("amortizer")
+    if want and load_amortizer(path).version != want:
+        raise LookupError(
+            f"memory version {version} was amortized by {want}, but the configured amortizer "
+            f"{spec!r} is {load_amortizer(path).version}: set KNOWSTREAM_AMORTIZER to the "
+            "checkpoint that built it"
+        )
+    return path
+
+
+def answer(memory: Memory, result: QueryResult, bank: np.ndarray | None, mode: str) -> str | None:
+    """The LM's answer for ``mode`` (None for "evidence": retrieval only), with the
+    amortizer that built the served version."""
+    if mode == "evidence":
+        return None
+    amortizer = amortizer_for(memory, result.version) if bank is not None else None
+    passages = [h.text for h in result.hits]
+    return Generator.get().answer(result.question, mode, passages, bank, amortizer)

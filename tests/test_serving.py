@@ -9,21 +9,30 @@ from pydantic import SecretStr
 from knowstream.connectors.kafka import produce_file
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.ingest import ingest_flow
+from knowstream.memory import Memory
+from knowstream.models.mac import MAC, MACConfig
 from knowstream.serving.app import create_app
+from knowstream.serving.generate import amortizer_for
 from tests.test_memory_e2e import UPDATE, fresh, sample_events, write_jsonl
 
 QUESTION = "What was the final score of Super Bowl 50?"
 
 
 @pytest.fixture(scope="module")
-def served(broker, tmp_path_factory):
+def served_settings(broker, tmp_path_factory):
+    """A memory with versions 1 and 2, built with the default (bundled) amortizer."""
     tmp = tmp_path_factory.mktemp("serving")
     settings = fresh(broker, tmp).model_copy(update={"api_token": SecretStr("s3cret")})
     produce_file(settings, write_jsonl(tmp / "a.jsonl", sample_events(5)))
     ingest_flow(settings, once=True)
     produce_file(settings, write_jsonl(tmp / "b.jsonl", [UPDATE]))
     ingest_flow(settings, once=True)
-    with TestClient(create_app(settings, poll_s=0.2)) as client:
+    return settings
+
+
+@pytest.fixture(scope="module")
+def served(served_settings):
+    with TestClient(create_app(served_settings, poll_s=0.2)) as client:
         client.headers["Authorization"] = "Bearer s3cret"
         yield client
     close_clients()
@@ -69,3 +78,15 @@ def test_auth_snapshots_and_metrics(served):
 def test_generation_modes_answer_from_the_frozen_lm(served, mode):
     body = served.post("/ask", json={"question": QUESTION, "k": 2, "mode": mode}).json()
     assert body["mode"] == mode and isinstance(body["answer"], str) and body["answer"]
+
+
+def test_mac_answers_with_the_amortizer_that_built_the_version(served, served_settings, tmp_path):
+    # The version's manifest names the amortizer (weights hash) that built its entries;
+    # serving MAC with other networks would aggregate entries they cannot read.
+    memory = Memory(served_settings)
+    assert amortizer_for(memory, 2) == "bundled"
+    other = tmp_path / "other-amortizer"
+    MAC.init(MACConfig(seed=7)).save(other)
+    elsewhere = Memory(served_settings.model_copy(update={"amortizer": str(other)}))
+    with pytest.raises(LookupError, match="amortized by mac-"):
+        amortizer_for(elsewhere, 2)

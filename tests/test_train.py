@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -10,15 +11,19 @@ from knowstream.models import train as train_mod
 from knowstream.models.encoder import load_encoder
 from knowstream.models.evaluate import (
     bootstrap_ci,
+    comparisons,
     exact_match,
     f1_score,
     normalize_answer,
+    parse_mode,
     squad_scores,
+    top_docs,
     wrong_passages,
 )
 from knowstream.models.lm import _cache_is_valid, default_cache_dir, gguf_path
 from knowstream.models.mac import MAC, MACConfig
 from knowstream.models.qa_data import load_qa, load_split, make_split, select
+from knowstream.models.retrieve import retrieve
 
 SAMPLE = "data/sample/questions.jsonl"
 
@@ -124,7 +129,44 @@ def test_wrong_passage_is_another_article():
     records = load_qa(SAMPLE)
     title = {r.doc_id: r.title for r in records}
     for r, w in zip(records, wrong_passages(records, seed=0), strict=True):
-        assert title[w] != r.title
+        assert len(w) == 1 and title[w[0]] != r.title
+    # k controls: k distinct passages, all from other articles, drawn from the pool
+    pool = sorted(title)[:60]
+    for r, ws in zip(records, wrong_passages(records, seed=1, k=3, pool=pool), strict=True):
+        assert len(set(ws)) == 3 and set(ws) <= set(pool)
+        assert all(title[w] != r.title for w in ws)
+
+
+def test_modes_parse_and_pair_with_their_controls():
+    assert parse_mode("mac@5") == ("mac", 5)
+    assert parse_mode("mac_wrong") == ("mac_wrong", 0)
+    assert parse_mode("mac_wrong@10") == ("mac_wrong", 10)
+    assert parse_mode("closed_book") == ("closed_book", 0)
+    for bad in ("rag", "mac", "closed_book@3", "rag@0", "rag@x", "nope@1"):
+        with pytest.raises(ValueError):
+            parse_mode(bad)
+    per_q = {
+        m: np.full(4, f)
+        for m, f in (("mac@3", 9.0), ("mac_wrong@3", 8.0), ("mac+rag@3", 40.0), ("rag@3", 10.0))
+    }
+    pairs = comparisons(per_q, seed=0)
+    assert pairs["mac@3 - mac_wrong@3"]["mean"] == pytest.approx(1.0)
+    assert pairs["mac+rag@3 - rag@3"]["mean"] == pytest.approx(30.0)
+    assert "mac+rag@3 - mac+rag_wrong@3" not in pairs  # its control was not run
+
+
+def test_retrieval_ranks_pipeline_chunks_of_the_split():
+    records = [r for r in load_qa(SAMPLE) if r.title in ("Super_Bowl_50", "Oxygen")][:40]
+    result = retrieve(records, load_encoder(), top=10)
+    texts = {r.doc_id: r.text for r in records}
+    for doc_id, chunk in result["chunks"]:
+        assert chunk and chunk in texts[doc_id]  # a span of its passage, never rewritten
+    hits = {q: [result["chunks"][j] for j in idx] for q, idx in result["hits"].items()}
+    assert set(hits) == {r.question_id for r in records}
+    # distinct documents in rank order, and the gold passage usually among the first 5
+    found = [r.doc_id in top_docs(hits[r.question_id], 5) for r in records]
+    assert sum(found) >= 0.8 * len(records)
+    assert top_docs([("a", "x"), ("a", "y"), ("b", "z")], 2) == ["a", "b"]
 
 
 def test_squad_normalization_and_scores():

@@ -33,6 +33,15 @@ WINDOW_BATCH = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def bundled_checkpoint() -> Path:
+    """The folder of the checkpoint that ships inside the ``knowstream.models`` package
+    (models/checkpoints/mac-squad, trained on SQuAD v1.1 dev train articles + SQuADShifts,
+    EVAL.md), so a fresh machine amortizes with trained weights and no training step."""
+    import knowstream.models
+
+    return Path(knowstream.models.__path__[0]) / "checkpoints" / "mac-squad"
+
+
 class AmortizeEvent(Protocol):
     """What ``amortize_batch`` reads of an event (a ``DocumentEvent`` has it)."""
 
@@ -60,8 +69,9 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_amortizer(spec: str, device: str = "cpu", dtype: str = "float32") -> MAC:
     """The MAC networks named by ``spec`` on ``device`` in ``dtype``, loaded once per process.
 
-    ``spec`` is a checkpoint folder, or "init" for the seeded untrained network. A registry
-    spec (``models:/...``, "registry") is resolved to a folder first, once per batch, by
+    ``spec`` is a checkpoint folder, "bundled" for the checkpoint that ships with
+    knowstream, or "init" for the seeded untrained network. A registry spec
+    (``models:/...``, "registry") is resolved to a folder first, once per batch, by
     ``connectors.mlflow._registry.resolve_amortizer``: workers never read the registry.
     """
     if is_registry_spec(spec):
@@ -69,7 +79,10 @@ def load_amortizer(spec: str, device: str = "cpu", dtype: str = "float32") -> MA
             f"amortizer spec {spec!r} names a registry version: resolve it to a checkpoint "
             "folder first (knowstream.connectors.mlflow._registry.resolve_amortizer)"
         )
-    mac = MAC.init(MACConfig()) if spec == "init" else MAC.load(Path(spec))
+    if spec == "init":
+        mac = MAC.init(MACConfig())
+    else:
+        mac = MAC.load(bundled_checkpoint() if spec == "bundled" else Path(spec))
     if device != "cpu" or dtype != "float32":
         # Its own cache entry: the float32 CPU model stays as it is for its other users
         # (model versions, serving).
