@@ -185,9 +185,7 @@ def run_demo(settings: Settings, data: Path, console: Console) -> None:
             _show(console, query(memory, q["question"], k=3), q["answers"][0], expect=False)
         with console.status("answering from the rolled-back live version..."):
             live = memory.resolve(None)
-            columns[f"live after rollback (version {live})"] = _answers(
-                settings, memory, update_qs, None
-            )
+            columns[f"live after rollback (version {live})"] = _answers(memory, update_qs, None)
 
         console.print(Rule("5. answers from the frozen LM with the memory"))
         console.print(_answer_table(update_qs, before, columns))
