@@ -113,7 +113,11 @@ def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
         except (LookupError, KeyError) as e:
             requests.labels("ask", "404").inc()
             raise HTTPException(404, str(e)) from None
-        reply = answer(memory, result, bank, req.mode)
+        try:
+            reply = answer(memory, result, bank, req.mode)
+        except LookupError as e:  # the served version's amortizer is not the configured one
+            requests.labels("ask", "409").inc()
+            raise HTTPException(409, str(e)) from None
         requests.labels("ask", "200").inc()
         latency.labels(req.mode).observe(time.perf_counter() - started)
         return {

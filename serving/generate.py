@@ -12,6 +12,7 @@ measured ones. Models load once per process (``Generator.get``).
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import cache
 from typing import TYPE_CHECKING
@@ -101,8 +102,6 @@ def amortizer_for(memory: Memory, version: int) -> str:
     is used when the entries came from the registry; otherwise the configured spec,
     checked against the weights hash the manifest recorded.
     """
-    import json
-
     from knowstream.connectors.mlflow._registry import resolve_amortizer
     from knowstream.pipelines.stages.amortize_compute import load_amortizer
 
