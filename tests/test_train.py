@@ -14,6 +14,7 @@ from knowstream.models.evaluate import (
     comparisons,
     exact_match,
     f1_score,
+    generate,
     normalize_answer,
     parse_mode,
     squad_scores,
@@ -22,7 +23,7 @@ from knowstream.models.evaluate import (
 )
 from knowstream.models.lm import _cache_is_valid, default_cache_dir, gguf_path
 from knowstream.models.mac import MAC, MACConfig
-from knowstream.models.qa_data import load_qa, load_split, make_split, select
+from knowstream.models.qa_data import QA, load_qa, load_split, make_split, select
 from knowstream.models.retrieve import retrieve
 
 SAMPLE = "data/sample/questions.jsonl"
@@ -187,3 +188,55 @@ def test_squad_normalization_and_scores():
     )
     lo, hi = bootstrap_ci(torch.tensor([0.0, 1.0] * 50).numpy())
     assert lo < 0.5 < hi
+
+
+def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer, monkeypatch):
+    # Every document answers the *same* question differently, so the prompt alone cannot
+    # tell the answers apart: after training, the LM must answer each document's question
+    # right from that document's entry, and not from another document's.
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+    ).eval()
+    lm.requires_grad_(False)
+    cfg = MACConfig(
+        n_tokens=4, d_lm=64, n_layers_lm=2, n_kv_heads=2, head_dim=16, prefix_len=2,
+        d_model=32, n_heads=4, mlp_hidden=64, token_hidden=8, dropout=0.0,
+    )  # fmt: skip
+    mac = MAC.init(cfg)
+    words = ["apple", "river", "stone", "cloud"]
+    question = "What is the secret word?"
+    records = [
+        QA(f"doc-{w}", f"t-{w}", f"The secret word of this note is {w}.", question, (w,), w)
+        for w in words
+    ]
+    for name, value in {
+        "device": "cpu", "max_steps": 150, "max_minutes": 3.0, "batch_docs": 4, "q_per_doc": 1,
+        "curriculum": "1", "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 5, "log_every": 10,
+        "dropout": 0.0,
+    }.items():  # fmt: skip
+        monkeypatch.setattr(train_mod, name, value)
+    encoder = load_encoder()
+    train_mod.train(mac, lm, tokenizer, encoder, records, [], out=None, log=lambda _: 0)
+    mac.eval()
+    with torch.no_grad():
+        entries = mac.amortizer.amortize_texts(encoder, [r.text for r in records])
+        q_states, q_mask = encoder.encode([question] * len(words))
+        prompts = train_mod.chat_prompts(tokenizer, [question] * len(words))
+
+        def answers(order: list[int]) -> list[str]:
+            summary = mac.aggregator(q_states, q_mask, entries[order][:, None])
+            cache = train_mod.prefix_cache(mac, summary, lm.dtype)
+            return generate(lm, tokenizer, prompts, cache, cfg.prefix_len, max_new_tokens=4)
+
+    assert answers([0, 1, 2, 3]) == words  # each entry's own answer
+    shifted = answers([1, 2, 3, 0])  # the entry of another document
+    assert shifted == words[1:] + words[:1]
