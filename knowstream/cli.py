@@ -292,13 +292,32 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train | validation | eval")] = "eval",
     modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "closed_book,gold_passage",
     n: Annotated[int | None, typer.Option(help="Questions (default: all of the split).")] = None,
+    retrieval: Annotated[
+        Path | None, typer.Option(help="Hits file of models/retrieve.py (default: computed).")
+    ] = None,
+    retention_modes: Annotated[
+        str, typer.Option(help="Retention rows, e.g. rag@5,mac@5,mac_wrong@5.")
+    ] = "",
     out: Annotated[Path | None, typer.Option(help="Write the full result JSON here.")] = None,
 ) -> None:
-    """SQuAD EM/F1 with 95% bootstrap intervals, MAC beside its wrong-passage control."""
+    """SQuAD EM/F1 with 95% bootstrap intervals, each MAC mode beside its wrong-passage
+    control (modes: see ``python -m knowstream.models.evaluate --help``; @k modes retrieve
+    k chunks with the pipeline's chunker and embedder). The checkpoint defaults to the
+    bundled one."""
     from knowstream.models.evaluate import evaluate as run_eval
+    from knowstream.pipelines.stages.amortize_compute import bundled_checkpoint
 
     with console.status("evaluating..."):
-        res = run_eval(data, checkpoint, modes.split(","), n, split_file, split)
+        res = run_eval(
+            data,
+            checkpoint or bundled_checkpoint(),
+            modes.split(","),
+            n,
+            split_file,
+            split,
+            retrieval=retrieval,
+            retention_modes=[m for m in retention_modes.split(",") if m],
+        )
     table = Table(title=f"{res['split']} split: {res['n']} questions, {res['n_articles']} articles")
     for col in ("mode", "n", "EM [95% CI]", "F1 [95% CI]"):
         table.add_column(col)
@@ -311,12 +330,13 @@ def evaluate(
             f"{r['em']:.2f} [{em_lo:.2f}, {em_hi:.2f}]",
             f"{r['f1']:.2f} [{f1_lo:.2f}, {f1_hi:.2f}]",
         )
-    if diff := res.get("mac_gold_minus_wrong_f1"):
+    for pair, diff in res["paired_f1"].items():
         lo, hi = diff["ci"]
-        table.add_row(
-            "MAC gold − control (paired)", "", "", f"{diff['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-        )
+        table.add_row(f"{pair} (paired)", "", "", f"{diff['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     console.print(table)
+    for mode, r in res.get("retention", {}).get("rows", {}).items():
+        f1s = ", ".join(f"{p} in memory {x['f1']:.2f}" for p, x in r["f1"].items())
+        console.print(f"retention {mode}: F1 {f1s}")
     if out:
         out.write_text(json.dumps(res, indent=1))
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
-from knowstream.models.retrieve import load_retrieval
+from knowstream.models.retrieve import load_retrieval, ranked_hits, retrieve
 from knowstream.models.train import chat_prompts, load_models, passage_prompt, prefix_cache
 
 BASE_MODES = (
@@ -355,7 +355,7 @@ def evaluate(
     """EM/F1 (percent) with 95% bootstrap intervals for each mode on the questions
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
     ``models`` may pass preloaded ``(lm, tokenizer, encoder)``; ``retrieval`` is a
-    file of ``models/retrieve.py``, needed by the @k modes."""
+    file of ``models/retrieve.py`` for the @k modes (computed here when not given)."""
     from knowstream.models.mac import MAC
 
     for mode in [*modes, *retention_modes]:
@@ -372,7 +372,11 @@ def evaluate(
     if needs_mac and checkpoint is None:
         raise ValueError("MAC modes need a checkpoint")
     mac = MAC.load(checkpoint, device) if needs_mac else None
-    hits = load_retrieval(retrieval) if retrieval else None
+    hits = None
+    if retrieval:
+        hits = load_retrieval(retrieval)
+    elif any("@" in m for m in [*modes, *retention_modes]):
+        hits = ranked_hits(retrieve(everything, encoder))  # needs the chunker (apache_beam)
     ctx = Context(everything, lm, tokenizer, encoder, mac, hits, batch_size, seed)
     result: dict = {
         "split": split,

@@ -58,11 +58,15 @@ def retrieve(
     }
 
 
+def ranked_hits(result: dict) -> dict[str, list[tuple[str, str]]]:
+    """question_id -> its ranked (doc_id, chunk text) hits, from ``retrieve``'s result."""
+    chunks = [(doc_id, text) for doc_id, text in result["chunks"]]
+    return {q: [chunks[j] for j in hits] for q, hits in result["hits"].items()}
+
+
 def load_retrieval(path: str | Path) -> dict[str, list[tuple[str, str]]]:
-    """question_id -> its ranked (doc_id, chunk text) hits."""
-    d = json.loads(Path(path).read_text())
-    chunks = [(doc_id, text) for doc_id, text in d["chunks"]]
-    return {q: [chunks[j] for j in hits] for q, hits in d["hits"].items()}
+    """``ranked_hits`` of a file written by this module."""
+    return ranked_hits(json.loads(Path(path).read_text()))
 
 
 def main() -> None:
