@@ -21,7 +21,7 @@ from knowstream.connectors.kafka import KafkaRecord
 from knowstream.connectors.mlflow._registry import ResolvedAmortizer, resolve_amortizer
 from knowstream.memory import Memory, StaleParent
 from knowstream.pipelines.pipeline import run_batch
-from knowstream.pipelines.stages.amortize import load_amortizer
+from knowstream.pipelines.stages.amortize_compute import amortizer_version
 from knowstream.pipelines.stages.chunk import CHUNKER_VERSION
 from knowstream.pipelines.stages.triples import TRIPLES_VERSION
 from knowstream.schemas.manifest import OffsetRange
@@ -54,7 +54,7 @@ def model_versions(
     amortizer = amortizer or resolve_amortizer(settings)
     versions = {
         "embedder": encoder_version(),
-        "amortizer": load_amortizer(amortizer.path).version,
+        "amortizer": amortizer_version(amortizer.path),
         "chunker": f"{CHUNKER_VERSION}:{settings.chunk_tokens}/{settings.chunk_overlap}",
         "triples": TRIPLES_VERSION,
     }

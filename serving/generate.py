@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -92,6 +92,7 @@ def retrieve(
     return result, bank
 
 
+@lru_cache(maxsize=256)
 def amortizer_for(memory: Memory, version: int) -> str:
     """The checkpoint folder of the amortizer that built memory ``version``'s entries.
 
@@ -100,10 +101,11 @@ def amortizer_for(memory: Memory, version: int) -> str:
     whatever ``Settings.amortizer`` says today (a backfill with a new amortizer,
     promoted, then rolled back, flips between two). The manifest's registry version
     is used when the entries came from the registry; otherwise the configured spec,
-    checked against the weights hash the manifest recorded.
+    checked against the weights hash the manifest recorded. A published version's
+    manifest never changes, so the answer is cached: a request reads no registry.
     """
     from knowstream.connectors.mlflow._registry import resolve_amortizer
-    from knowstream.pipelines.stages.amortize_compute import load_amortizer
+    from knowstream.pipelines.stages.amortize_compute import amortizer_version
 
     settings = memory.settings
     built = json.loads(memory.registry.get(version).tags.get("model_versions", "{}"))
@@ -111,12 +113,11 @@ def amortizer_for(memory: Memory, version: int) -> str:
     if "amortizer_model_version" in built:
         spec = f"models:/{built['amortizer_model']}/{built['amortizer_model_version']}"
     path = resolve_amortizer(settings, spec).path
-    want = built.get("amortizer")
-    if want and load_amortizer(path).version != want:
+    want, have = built.get("amortizer"), amortizer_version(path)
+    if want and have != want:
         raise LookupError(
             f"memory version {version} was amortized by {want}, but the configured amortizer "
-            f"{spec!r} is {load_amortizer(path).version}: set KNOWSTREAM_AMORTIZER to the "
-            "checkpoint that built it"
+            f"{spec!r} is {have}: set KNOWSTREAM_AMORTIZER to the checkpoint that built it"
         )
     return path
 

@@ -90,9 +90,12 @@ def load_amortizer(spec: str, device: str = "cpu", dtype: str = "float32") -> MA
     return mac.eval()
 
 
+@functools.lru_cache(maxsize=8)
 def amortizer_version(spec: str) -> str:
     """The version of ``spec``'s weights: a hash of the float32 weights, whatever the
-    compute placement, so it equals the one ``flows.batch.model_versions`` records."""
+    compute placement, so it equals the one ``flows.batch.model_versions`` records.
+    Computed once per spec and process, like ``load_amortizer``'s weights it hashes
+    (sha256 over 19 MB: not for every batch or request)."""
     return load_amortizer(spec).version
 
 
