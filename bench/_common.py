@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console
 
@@ -186,11 +186,13 @@ def write_result(out: Path, result: dict[str, Any]) -> None:
 
 
 # --- input -------------------------------------------------------------------------------------
-def open_text(path: Path) -> IO[str]:
-    """A JSONL file, plain or gzipped (``.gz``)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+def jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON values of a JSONL file, plain or gzipped (``.gz``), blank lines skipped."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
 
 
 def load_documents(path: Path, n: int) -> list[dict[str, Any]]:
@@ -203,21 +205,17 @@ def load_documents(path: Path, n: int) -> list[dict[str, Any]]:
     """
     seen: set[str] = set()
     docs: list[dict[str, Any]] = []
-    with open_text(path) as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            doc_id, text = row.get("doc_id"), row.get("text")
-            if not isinstance(doc_id, str) or doc_id in seen or row.get("op", "upsert") != "upsert":
-                continue
-            if not isinstance(text, str) or not text.strip():
-                continue
-            seen.add(doc_id)
-            event = {k: row[k] for k in EVENT_FIELDS if row.get(k) is not None}
-            docs.append({**event, "op": "upsert"})
-            if len(docs) == n:
-                break
+    for row in jsonl_rows(path):
+        doc_id, text = row.get("doc_id"), row.get("text")
+        if not isinstance(doc_id, str) or doc_id in seen or row.get("op", "upsert") != "upsert":
+            continue
+        if not isinstance(text, str) or not text.strip():
+            continue
+        seen.add(doc_id)
+        event = {k: row[k] for k in EVENT_FIELDS if row.get(k) is not None}
+        docs.append({**event, "op": "upsert"})
+        if len(docs) == n:
+            break
     return docs
 
 
@@ -229,16 +227,12 @@ def load_questions(path: Path, doc_ids: set[str], n: int) -> list[dict[str, Any]
     Returns {"doc_id", "question", "answers"} dicts.
     """
     per_doc: dict[str, list[dict[str, Any]]] = {}
-    with open_text(path) as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            q, doc_id = row.get("question"), row.get("doc_id")
-            if doc_id in doc_ids and isinstance(q, str) and q.strip():
-                per_doc.setdefault(doc_id, []).append(
-                    {"doc_id": doc_id, "question": q, "answers": row.get("answers", [])}
-                )
+    for row in jsonl_rows(path):
+        q, doc_id = row.get("question"), row.get("doc_id")
+        if doc_id in doc_ids and isinstance(q, str) and q.strip():
+            per_doc.setdefault(doc_id, []).append(
+                {"doc_id": doc_id, "question": q, "answers": row.get("answers", [])}
+            )
     out: list[dict[str, Any]] = []
     rank = 0
     while len(out) < n and any(len(qs) > rank for qs in per_doc.values()):

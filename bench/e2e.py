@@ -311,13 +311,7 @@ def run_stages_isolated(settings: Settings, records: list[KafkaRecord]) -> list[
         stage("triples", Triples(), chunked, "docs", TRIPLES_BATCH)
         stage(
             "amortize",
-            Amortize(
-                settings.amortizer,
-                settings.torch_threads,
-                settings.amortize_device,
-                settings.amortize_dtype,
-                settings.amortize_window_batch,
-            ),
+            Amortize.from_settings(settings),
             upserts,
             "docs",
             settings.amortize_batch,

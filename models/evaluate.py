@@ -63,6 +63,8 @@ BASE_MODES = (
 )
 RETRIEVAL_MODES = ("rag", "mac", "mac+rag", "mac+rag_wrong")  # need @k; mac_wrong takes it too
 RETENTION_FRACTIONS = (0.1, 0.5, 1.0)  # of the stream in memory
+# mode -> its wrong-passage control (at the same k)
+CONTROL = {"mac_gold": "mac_wrong", "mac": "mac_wrong", "mac+rag": "mac+rag_wrong"}
 MODES = (  # the rows of EVAL.md, each MAC row next to its control
     "closed_book",
     "gold_passage",
@@ -304,11 +306,8 @@ def comparisons(per_q: dict[str, np.ndarray], seed: int) -> dict[str, dict]:
     for mode in per_q:
         name, k = parse_mode(mode)
         at = f"@{k}" if k else ""
-        control = {"mac_gold": "mac_wrong", "mac": "mac_wrong", "mac+rag": "mac+rag_wrong"}
-        if name in control and control[name] + at in per_q:
-            out[f"{mode} - {control[name]}{at}"] = paired(
-                per_q[mode], per_q[control[name] + at], seed
-            )
+        if name in CONTROL and (ref := CONTROL[name] + at) in per_q:
+            out[f"{mode} - {ref}"] = paired(per_q[mode], per_q[ref], seed)
         if name == "mac+rag" and f"rag{at}" in per_q:
             out[f"{mode} - rag{at}"] = paired(per_q[mode], per_q[f"rag{at}"], seed)
     return out

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from knowstream.models.evaluate import parse_mode  # noqa: E402
+from knowstream.models.evaluate import CONTROL, parse_mode  # noqa: E402
 
 COLORS = {  # one colour per family; controls are hatched in the same colour
     "closed_book": "#888888",
@@ -24,7 +24,7 @@ COLORS = {  # one colour per family; controls are hatched in the same colour
     "mac": "#e8590c",
     "mac+rag": "#7048e8",
 }
-CONTROL_OF = {"mac_wrong": "mac", "mac+rag_wrong": "mac+rag"}
+CONTROL_OF = {control: mode for mode, control in CONTROL.items()}  # control -> a mode it controls
 
 
 def plot(result_path: str, out: str) -> None:

@@ -93,16 +93,7 @@ def build(
         >> beam.BatchElements(
             min_batch_size=settings.amortize_batch, max_batch_size=settings.amortize_batch
         )
-        | "amortize"
-        >> beam.ParDo(
-            Amortize(
-                settings.amortizer,
-                settings.torch_threads,
-                settings.amortize_device,
-                settings.amortize_dtype,
-                settings.amortize_window_batch,
-            )
-        )
+        | "amortize" >> beam.ParDo(Amortize.from_settings(settings))
     )  # MODULATION rows, (T, d_lm) float16 each
 
     docs = (

@@ -40,7 +40,10 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
 
 
-def test_tiny_training_run_lowers_the_loss(tokenizer, monkeypatch):
+def tiny_lm_and_mac(tokenizer) -> tuple[LlamaForCausalLM, MAC]:
+    """A frozen, randomly initialized 2-layer Llama with SmolLM2's vocabulary and
+    grouped-query attention (4 heads, 2 key/value heads), and untrained MAC networks
+    shaped for it (dropout 0, the MACConfig default)."""
     torch.manual_seed(0)
     lm = LlamaForCausalLM(
         LlamaConfig(
@@ -55,18 +58,14 @@ def test_tiny_training_run_lowers_the_loss(tokenizer, monkeypatch):
     ).eval()
     lm.requires_grad_(False)
     cfg = MACConfig(
-        n_tokens=4,
-        d_lm=64,
-        n_layers_lm=2,
-        n_kv_heads=2,
-        head_dim=16,
-        prefix_len=2,
-        d_model=32,
-        n_heads=4,
-        mlp_hidden=64,
-        token_hidden=8,
-    )
-    mac = MAC.init(cfg)
+        n_tokens=4, d_lm=64, n_layers_lm=2, n_kv_heads=2, head_dim=16, prefix_len=2,
+        d_model=32, n_heads=4, mlp_hidden=64, token_hidden=8,
+    )  # fmt: skip
+    return lm, MAC.init(cfg)
+
+
+def test_tiny_training_run_lowers_the_loss(tokenizer, monkeypatch):
+    lm, mac = tiny_lm_and_mac(tokenizer)
     records = load_qa(SAMPLE)[:8]
     for name, value in {
         "device": "cpu",
@@ -194,24 +193,7 @@ def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer, monkeypatc
     # Every document answers the *same* question differently, so the prompt alone cannot
     # tell the answers apart: after training, the LM must answer each document's question
     # right from that document's entry, and not from another document's.
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        )
-    ).eval()
-    lm.requires_grad_(False)
-    cfg = MACConfig(
-        n_tokens=4, d_lm=64, n_layers_lm=2, n_kv_heads=2, head_dim=16, prefix_len=2,
-        d_model=32, n_heads=4, mlp_hidden=64, token_hidden=8, dropout=0.0,
-    )  # fmt: skip
-    mac = MAC.init(cfg)
+    lm, mac = tiny_lm_and_mac(tokenizer)
     words = ["apple", "river", "stone", "cloud"]
     question = "What is the secret word?"
     records = [
@@ -235,7 +217,7 @@ def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer, monkeypatc
         def answers(order: list[int]) -> list[str]:
             summary = mac.aggregator(q_states, q_mask, entries[order][:, None])
             cache = train_mod.prefix_cache(mac, summary, lm.dtype)
-            return generate(lm, tokenizer, prompts, cache, cfg.prefix_len, max_new_tokens=4)
+            return generate(lm, tokenizer, prompts, cache, mac.config.prefix_len, max_new_tokens=4)
 
     assert answers([0, 1, 2, 3]) == words  # each entry's own answer
     shifted = answers([1, 2, 3, 0])  # the entry of another document

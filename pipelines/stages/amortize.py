@@ -36,6 +36,7 @@ from knowstream.pipelines.stages.amortize_compute import (
     load_stage_encoder,
     torch_dtype,
 )
+from knowstream.settings import Settings
 
 __all__ = ["STORE_DTYPE", "Amortize", "load_amortizer"]
 
@@ -55,6 +56,18 @@ class Amortize(beam.DoFn):
         self.spec, self.torch_threads = spec, torch_threads
         self.device, self.dtype, self.window_batch = device, dtype, window_batch
         self.amortized = Metrics.counter("amortize", "docs")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Amortize:
+        """The stage as ``settings`` configure it (amortizer spec, threads, device, dtype,
+        window batch): what the pipeline and the benchmarks build."""
+        return cls(
+            settings.amortizer,
+            settings.torch_threads,
+            settings.amortize_device,
+            settings.amortize_dtype,
+            settings.amortize_window_batch,
+        )
 
     def setup(self) -> None:
         torch.set_num_threads(self.torch_threads)
