@@ -285,13 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from knowstream.models.inference import amortizer_version, load_amortizer
     from knowstream.models.mac import MACConfig
-    from knowstream.pipelines.stages.amortize_compute import (
-        amortize_batch,
-        amortizer_version,
-        load_amortizer,
-        load_stage_encoder,
-    )
+    from knowstream.pipelines.stages.amortize_compute import amortize_batch, load_stage_encoder
     from knowstream.schemas.modulation import Modulation
     from knowstream.settings import Settings
 

@@ -147,7 +147,7 @@ def load_models(settings: Settings) -> dict[str, float]:
     """
     from knowstream.flows.batch import model_versions
     from knowstream.models.encoder import load_encoder
-    from knowstream.pipelines.stages.amortize import load_amortizer
+    from knowstream.models.inference import load_amortizer
     from knowstream.pipelines.stages.triples import load_nlp
 
     loads = {}

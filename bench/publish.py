@@ -62,7 +62,7 @@ from bench._common import (  # noqa: E402
 
 if TYPE_CHECKING:
     from knowstream.memory import Memory
-    from knowstream.pipelines.stages.stage import StagedBatch
+    from knowstream.schemas.staged import StagedBatch
     from knowstream.settings import Settings
 
 # Shapes of what the pipeline stages, from the defaults (MACConfig, all-MiniLM-L6-v2).
@@ -207,7 +207,7 @@ class Synth:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from knowstream.pipelines.stages.stage import OUTPUTS, read_staged
+        from knowstream.schemas.staged import OUTPUTS, read_staged
 
         rows: dict[str, list[dict]] = {name: [] for name in OUTPUTS}
         for doc_id in doc_ids:

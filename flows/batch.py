@@ -20,9 +20,9 @@ from prefect.utilities.annotations import opaque
 from knowstream.connectors.kafka import KafkaRecord
 from knowstream.connectors.mlflow._registry import ResolvedAmortizer, resolve_amortizer
 from knowstream.memory import Memory, StaleParent
+from knowstream.models.chunking import CHUNKER_VERSION
+from knowstream.models.inference import amortizer_version
 from knowstream.pipelines.pipeline import run_batch
-from knowstream.pipelines.stages.amortize_compute import amortizer_version
-from knowstream.pipelines.stages.chunk import CHUNKER_VERSION
 from knowstream.pipelines.stages.triples import TRIPLES_VERSION
 from knowstream.schemas.manifest import OffsetRange
 from knowstream.settings import Settings

@@ -54,7 +54,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _show(console: Console, result, answer: str, *, expect: bool) -> None:
     """Print a result and whether the updated answer is in its evidence."""
-    from knowstream.cli import print_result
+    from knowstream.display import print_result
 
     print_result(result)
     found = any(answer in h.text for h in result.hits)
@@ -103,8 +103,8 @@ def _answer_table(questions: list[dict], old: dict[str, str], columns: dict[str,
 
 
 def run_demo(settings: Settings, data: Path, console: Console) -> None:
-    from knowstream.cli import print_result, snapshot_table
     from knowstream.connectors.kafka import count_messages, produce_file
+    from knowstream.display import print_result, snapshot_table
     from knowstream.flows.backfill import rollback_flow
     from knowstream.flows.ingest import ingest_flow
     from knowstream.infra import services

@@ -7,16 +7,15 @@ every command builds one :class:`Settings` from them.
 from __future__ import annotations
 
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from knowstream.display import console, print_result, snapshot_table
 from knowstream.settings import Settings
 
 app = typer.Typer(
@@ -24,8 +23,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-# Tables stay readable when output goes to a file or CI log (rich assumes 80 columns there).
-console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 @app.callback()
@@ -305,7 +302,7 @@ def evaluate(
     k chunks with the pipeline's chunker and embedder). The checkpoint defaults to the
     bundled one."""
     from knowstream.models.evaluate import evaluate as run_eval
-    from knowstream.pipelines.stages.amortize_compute import bundled_checkpoint
+    from knowstream.models.inference import bundled_checkpoint
 
     with console.status("evaluating..."):
         res = run_eval(
@@ -363,53 +360,6 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
-
-
-SNAPSHOT_COLUMNS = (
-    "version",
-    "parent",
-    "kind",
-    "state",
-    "created",
-    "docs",
-    "chunks",
-    "triples",
-    "offsets",
-    "live",
-)
-
-
-def _cell(value: object) -> str:
-    if value is None or value is False:
-        return ""
-    return "✔" if value is True else str(value)
-
-
-def snapshot_table(rows: list[dict]) -> Table:
-    table = Table(title="memory snapshots")
-    for col in SNAPSHOT_COLUMNS:
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*(_cell(r[c]) for c in SNAPSHOT_COLUMNS))
-    return table
-
-
-def print_result(result) -> None:
-    console.print(
-        f"[bold]Q:[/bold] {result.question}   [dim](memory version {result.version})[/dim]"
-    )
-    table = Table(show_lines=False)
-    for col in ("score", "doc", "evidence"):
-        table.add_column(col)
-    for i, h in enumerate(result.hits):
-        # The best hit in full (it is the evidence people read); the rest shortened.
-        text = h.text if i == 0 or len(h.text) < 120 else h.text[:117] + "..."
-        table.add_row(f"{h.score:.3f}", h.doc_id, text)
-    console.print(table)
-    for t in result.triples[:3]:
-        console.print(
-            f"  triple: ({t['subject']}, {t['relation']}, {t['object']})  [dim]{t['doc_id']}[/dim]"
-        )
 
 
 if __name__ == "__main__":

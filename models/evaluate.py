@@ -32,9 +32,6 @@ Command (as used for EVAL.md):
 
 from __future__ import annotations
 
-import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
-
-# isort: split
 import argparse
 import json
 import random
@@ -47,9 +44,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from knowstream.models.inference import (
+    chat_prompts,
+    generate,
+    load_models,
+    passage_prompt,
+    prefix_cache,
+)
+from knowstream.models.mac import MAC
 from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
 from knowstream.models.retrieve import load_retrieval, ranked_hits, retrieve
-from knowstream.models.train import chat_prompts, load_models, passage_prompt, prefix_cache
 
 BASE_MODES = (
     "closed_book",
@@ -118,55 +122,6 @@ def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[floa
 
 
 # ----------------------------------------------------------------------------- generation
-
-
-@torch.no_grad()
-def generate(
-    lm, tokenizer, prompts: list[list[int]], cache=None, P: int = 0, max_new_tokens: int = 24
-) -> list[str]:
-    """Greedy continuations of left-padded prompts after an optional prefix cache of
-    length P (the prompt at positions P, P+1, ... as in training)."""
-    dev = lm.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    mask = torch.zeros(B, P + L, dtype=torch.long)
-    mask[:, :P] = 1
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p) :] = torch.tensor(p)
-        mask[i, P + L - len(p) :] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, P:]
-    if cache is None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-    # Any special token ends an answer, not only the EOS (<|im_end|>): the model sometimes
-    # skips it and opens the next chat turn (<|im_start|>assistant ...), whose text
-    # skip_special_tokens would otherwise glue onto the answer.
-    stops = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=dev)
-    out = []
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    for _ in range(max_new_tokens):
-        logits = lm(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache
-        ).logits[:, -1]
-        nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos_token_id), nxt)
-        out.append(nxt)
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()):
-            break
-        ids = nxt[:, None]
-        pos = pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], 1)
-    toks = torch.stack(out, 1).tolist()
-    texts = []
-    stop_set = set(stops.tolist())
-    for t in toks:
-        t = t[: next((i for i, x in enumerate(t) if x in stop_set), len(t))]
-        texts.append(tokenizer.decode(t, skip_special_tokens=True).strip())
-    return texts
 
 
 def wrong_passages(records: list[QA], seed: int, k: int = 1, pool: list[str] | None = None):
@@ -355,8 +310,6 @@ def evaluate(
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
     ``models`` may pass preloaded ``(lm, tokenizer, encoder)``; ``retrieval`` is a
     file of ``models/retrieve.py`` for the @k modes (computed here when not given)."""
-    from knowstream.models.mac import MAC
-
     for mode in [*modes, *retention_modes]:
         parse_mode(mode)  # fail before loading anything
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -375,7 +328,7 @@ def evaluate(
     if retrieval:
         hits = load_retrieval(retrieval)
     elif any("@" in m for m in [*modes, *retention_modes]):
-        hits = ranked_hits(retrieve(everything, encoder))  # needs the chunker (apache_beam)
+        hits = ranked_hits(retrieve(everything, encoder))
     ctx = Context(everything, lm, tokenizer, encoder, mac, hits, batch_size, seed)
     result: dict = {
         "split": split,

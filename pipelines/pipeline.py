@@ -27,8 +27,9 @@ from knowstream.pipelines.stages.chunk import Chunk
 from knowstream.pipelines.stages.dedup import SKIPPED, Dedup
 from knowstream.pipelines.stages.embed import Embed
 from knowstream.pipelines.stages.parse import DEAD_LETTERS, Parse
-from knowstream.pipelines.stages.stage import StagedBatch, WriteStaged, doc_row, read_staged
+from knowstream.pipelines.stages.stage import WriteStaged, doc_row
 from knowstream.pipelines.stages.triples import Triples
+from knowstream.schemas.staged import StagedBatch, read_staged
 from knowstream.settings import Settings
 
 

@@ -6,8 +6,8 @@
     mode "mac+rag": both
 
 Prompts and decoding are the ones training and evaluation use
-(``models/train.py``, ``models/evaluate.py``), so served answers behave like the
-measured ones. Models load once per process (``Generator.get``).
+(``models/inference.py``), so served answers behave like the measured ones.
+Models load once per process (``Generator.get``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,13 @@ class Generator:
         amortizer: str | None = None,
     ) -> str:
         """``amortizer``: checkpoint folder of the MAC networks (modes mac, mac+rag)."""
-        from knowstream.models.evaluate import generate
-        from knowstream.models.train import chat_prompts, passage_prompt, prefix_cache
-        from knowstream.pipelines.stages.amortize_compute import load_amortizer
+        from knowstream.models.inference import (
+            chat_prompts,
+            generate,
+            load_amortizer,
+            passage_prompt,
+            prefix_cache,
+        )
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -105,7 +109,7 @@ def amortizer_for(memory: Memory, version: int) -> str:
     manifest never changes, so the answer is cached: a request reads no registry.
     """
     from knowstream.connectors.mlflow._registry import resolve_amortizer
-    from knowstream.pipelines.stages.amortize_compute import amortizer_version
+    from knowstream.models.inference import amortizer_version
 
     settings = memory.settings
     built = json.loads(memory.registry.get(version).tags.get("model_versions", "{}"))

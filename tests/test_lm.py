@@ -9,8 +9,9 @@ import torch
 
 from knowstream.models import lm as lm_module
 from knowstream.models.encoder import load_encoder
+from knowstream.models.inference import answer
 from knowstream.models.lm import default_cache_dir, lm_version, load_lm
-from knowstream.models.mac import MAC, MACConfig, answer
+from knowstream.models.mac import MAC, MACConfig
 
 
 @pytest.fixture(scope="module")

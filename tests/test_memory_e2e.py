@@ -24,8 +24,8 @@ from knowstream.connectors.qdrant._client import scroll_all
 from knowstream.flows.backfill import backfill_flow, promote_flow, rollback_flow
 from knowstream.flows.ingest import ingest_flow, read_health
 from knowstream.memory import Memory, PublishError, StaleParent
-from knowstream.pipelines.stages.stage import StagedBatch
 from knowstream.query import query
+from knowstream.schemas.staged import StagedBatch
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 N_DOCS = 16  # sample documents in version 1: enough to retrieve among, quick to embed

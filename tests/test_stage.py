@@ -12,16 +12,11 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
-from knowstream.pipelines.stages.stage import (
-    OUTPUTS,
-    StagedBatch,
-    WriteStaged,
-    doc_row,
-    read_staged,
-)
+from knowstream.pipelines.stages.stage import WriteStaged, doc_row
 from knowstream.schemas.chunk import chunk_id
 from knowstream.schemas.event import DocumentEvent
 from knowstream.schemas.modulation import Modulation
+from knowstream.schemas.staged import OUTPUTS, StagedBatch, read_staged
 
 T = datetime(2016, 6, 1, 12, 30, 15, 123456, tzinfo=UTC)
 UPSERT = DocumentEvent(

@@ -14,13 +14,13 @@ from knowstream.models.evaluate import (
     comparisons,
     exact_match,
     f1_score,
-    generate,
     normalize_answer,
     parse_mode,
     squad_scores,
     top_docs,
     wrong_passages,
 )
+from knowstream.models.inference import chat_prompts, generate, prefix_cache
 from knowstream.models.lm import _cache_is_valid, default_cache_dir, gguf_path
 from knowstream.models.mac import MAC, MACConfig
 from knowstream.models.qa_data import QA, load_qa, load_split, make_split, select
@@ -212,11 +212,11 @@ def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer, monkeypatc
     with torch.no_grad():
         entries = mac.amortizer.amortize_texts(encoder, [r.text for r in records])
         q_states, q_mask = encoder.encode([question] * len(words))
-        prompts = train_mod.chat_prompts(tokenizer, [question] * len(words))
+        prompts = chat_prompts(tokenizer, [question] * len(words))
 
         def answers(order: list[int]) -> list[str]:
             summary = mac.aggregator(q_states, q_mask, entries[order][:, None])
-            cache = train_mod.prefix_cache(mac, summary, lm.dtype)
+            cache = prefix_cache(mac, summary, lm.dtype)
             return generate(lm, tokenizer, prompts, cache, mac.config.prefix_len, max_new_tokens=4)
 
     assert answers([0, 1, 2, 3]) == words  # each entry's own answer

@@ -26,19 +26,18 @@ import apache_beam as beam
 import torch
 from apache_beam.metrics import Metrics
 
-from knowstream.pipelines.stages.amortize_compute import (
-    STORE_DTYPE,
-    WINDOW_BATCH,
-    amortize_batch,
+from knowstream.models.inference import (
     amortizer_version,
     is_registry_spec,
     load_amortizer,
-    load_stage_encoder,
     torch_dtype,
 )
+from knowstream.pipelines.stages.amortize_compute import (
+    WINDOW_BATCH,
+    amortize_batch,
+    load_stage_encoder,
+)
 from knowstream.settings import Settings
-
-__all__ = ["STORE_DTYPE", "Amortize", "load_amortizer"]
 
 
 class Amortize(beam.DoFn):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from knowstream.models.mac import MAC, MACConfig
+from knowstream.models.inference import torch_dtype
+from knowstream.models.mac import MAC
 
 if TYPE_CHECKING:
     from knowstream.models.encoder import TextEncoder
@@ -30,16 +30,6 @@ STORE_DTYPE = torch.float16  # dtype of stored entries
 # 8 took a third less encoder time than 32 (bench/amortize.py, BENCHMARKS.md). On a GPU a
 # larger batch may pay: settings ``amortize_window_batch``.
 WINDOW_BATCH = 8
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def bundled_checkpoint() -> Path:
-    """The folder of the checkpoint that ships inside the ``knowstream.models`` package
-    (models/checkpoints/mac-squad, trained on SQuAD v1.1 dev train articles + SQuADShifts,
-    EVAL.md), so a fresh machine amortizes with trained weights and no training step."""
-    import knowstream.models
-
-    return Path(knowstream.models.__path__[0]) / "checkpoints" / "mac-squad"
 
 
 class AmortizeEvent(Protocol):
@@ -50,53 +40,6 @@ class AmortizeEvent(Protocol):
 
     @property
     def content_hash(self) -> str: ...
-
-
-def is_registry_spec(spec: str) -> bool:
-    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or "registry": an MLflow registry
-    version, which the batch resolves to a local folder before the pipeline runs."""
-    return spec == "registry" or spec.startswith("models:/")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {name!r}") from None
-
-
-@functools.lru_cache(maxsize=8)
-def load_amortizer(spec: str, device: str = "cpu", dtype: str = "float32") -> MAC:
-    """The MAC networks named by ``spec`` on ``device`` in ``dtype``, loaded once per process.
-
-    ``spec`` is a checkpoint folder, "bundled" for the checkpoint that ships with
-    knowstream, or "init" for the seeded untrained network. A registry spec
-    (``models:/...``, "registry") is resolved to a folder first, once per batch, by
-    ``connectors.mlflow._registry.resolve_amortizer``: workers never read the registry.
-    """
-    if is_registry_spec(spec):
-        raise ValueError(
-            f"amortizer spec {spec!r} names a registry version: resolve it to a checkpoint "
-            "folder first (knowstream.connectors.mlflow._registry.resolve_amortizer)"
-        )
-    if spec == "init":
-        mac = MAC.init(MACConfig())
-    else:
-        mac = MAC.load(bundled_checkpoint() if spec == "bundled" else Path(spec))
-    if device != "cpu" or dtype != "float32":
-        # Its own cache entry: the float32 CPU model stays as it is for its other users
-        # (model versions, serving).
-        mac = mac.to(device=device, dtype=torch_dtype(dtype))
-    return mac.eval()
-
-
-@functools.lru_cache(maxsize=8)
-def amortizer_version(spec: str) -> str:
-    """The version of ``spec``'s weights: a hash of the float32 weights, whatever the
-    compute placement, so it equals the one ``flows.batch.model_versions`` records.
-    Computed once per spec and process, like ``load_amortizer``'s weights it hashes
-    (sha256 over 19 MB: not for every batch or request)."""
-    return load_amortizer(spec).version
 
 
 @functools.cache

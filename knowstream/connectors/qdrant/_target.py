@@ -17,8 +17,8 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from knowstream.connectors.qdrant._client import VECTOR, scroll_all, visible
-from knowstream.pipelines.stages.stage import StagedBatch
 from knowstream.schemas.chunk import ID_NAMESPACE
+from knowstream.schemas.staged import StagedBatch
 
 UPSERT_BATCH = 256  # points per upsert request
 
