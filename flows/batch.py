@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import opaque
 
@@ -27,6 +29,8 @@ from knowstream.pipelines.stages.triples import TRIPLES_VERSION
 from knowstream.schemas.manifest import OffsetRange
 from knowstream.settings import Settings
 
+log = logging.getLogger(__name__)  # also on the flow run's page (PREFECT_LOGGING_EXTRA_LOGGERS)
+
 
 @dataclass
 class BatchReport:
@@ -35,6 +39,9 @@ class BatchReport:
     offsets: list[OffsetRange]
     counters: dict[str, int] = field(default_factory=dict)
     dead_letters: list[dict] = field(default_factory=list)
+    kind: str = "ingest"
+    durations: dict[str, float] = field(default_factory=dict)  # pipeline, publish, batch (s)
+    lag: dict[int, int] = field(default_factory=dict)  # partition -> records behind, after it
 
 
 # Where the amortizer came from (registry name and version): recorded in the manifest,
@@ -119,7 +126,7 @@ def pipeline_task(
         model=fingerprint(versions),
         staging=staging,
     )
-    get_run_logger().info(
+    log.info(
         "pipeline: %d messages -> %d upserts, %d deletes, %d dead letters; %s",
         len(records),
         result.staged.upserts,
@@ -141,7 +148,7 @@ def publish_task(memory: Memory, result, versions, *, parent, kind, offsets, mak
         make_live=make_live,
         require_live_parent=kind == "ingest",
     )
-    get_run_logger().info("published memory version %d (parent %s)", info.version, parent)
+    log.info("published memory version %d (parent %s)", info.version, parent)
     return info.version
 
 
@@ -155,7 +162,9 @@ def process_batch(
     make_live: bool,
 ) -> BatchReport:
     """Pipeline, then publish if anything changed. Raises if either fails."""
+    started = time.perf_counter()
     result, versions, staging = pipeline_task(settings, memory, records, parent)
+    durations = {"pipeline": time.perf_counter() - started}
     offsets = offset_ranges(records)
     version = None
     if result.staged.changes:
@@ -176,4 +185,15 @@ def process_batch(
             shutil.rmtree(staging, ignore_errors=True)
             raise
     shutil.rmtree(staging, ignore_errors=True)  # kept only when a step failed
-    return BatchReport(len(records), version, offsets, result.counters, result.staged.dead_letters)
+    durations["batch"] = time.perf_counter() - started
+    if version is not None:
+        durations["publish"] = durations["batch"] - durations["pipeline"]
+    return BatchReport(
+        len(records),
+        version,
+        offsets,
+        result.counters,
+        result.staged.dead_letters,
+        kind=kind,
+        durations=durations,
+    )

@@ -32,6 +32,7 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt, stop_never, w
 
 from knowstream.connectors.kafka import BatchConsumer, ensure_topics, send_dead_letters
 from knowstream.flows.batch import BatchReport, process_batch
+from knowstream.flows.observe import after_batch
 from knowstream.memory import Memory, StaleParent
 from knowstream.settings import Settings
 
@@ -131,6 +132,7 @@ def ingest_flow(
             if report.dead_letters:
                 send_dead_letters(settings, report.dead_letters)
             consumer.commit(records)
+            report.lag = consumer.backlog()
             return report
         except BaseException:
             dirty = True
@@ -170,6 +172,7 @@ def ingest_flow(
                 time.sleep(idle_sleep_s)
                 continue
             reports.append(report)
+            after_batch(settings, memory, report)
             write_health(
                 settings,
                 state="running",

@@ -53,6 +53,9 @@ def main(
         if v is not None
     }
     ctx.obj = Settings(**overrides)
+    from knowstream import logs
+
+    logs.setup(ctx.obj)
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -94,8 +97,9 @@ def down(ctx: typer.Context) -> None:
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """Live version, consumer lag (read to the end), dead-letter count, broker state."""
-    from knowstream.connectors.kafka import consumer_lag, count_messages
+    """Live version, consumer lag (read to the end), dead letters, broker state, log file."""
+    from knowstream import logs
+    from knowstream.connectors.kafka import consumer_lag, dead_letter_summary
     from knowstream.flows.ingest import read_health
     from knowstream.infra import services
     from knowstream.memory import Memory
@@ -111,9 +115,15 @@ def status(ctx: typer.Context) -> None:
     try:
         lag = consumer_lag(s, s.group_id)
         table.add_row("consumer lag", str(lag["total"]))
-        table.add_row("dead letters", str(count_messages(s, s.dlq_topic)))
+        dlq = dead_letter_summary(s)
+        table.add_row(
+            "dead letters",
+            f"{dlq['distinct']} records {json.dumps(dlq['by_reason'])}"
+            + (f" ({dlq['messages']} messages)" if dlq["messages"] != dlq["distinct"] else ""),
+        )
     except Exception as e:  # broker down: say so, still show the rest
         table.add_row("kafka", f"unreachable: {e}")
+    table.add_row("log file", str(logs.log_file(s).resolve()))
     console.print(table)
 
 
@@ -135,9 +145,16 @@ def ingest(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option(help="Drain what is on the topic, then exit.")] = False,
     max_batches: Annotated[int | None, typer.Option(help="Stop after this many batches.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port (loopback).")
+    ] = None,
 ) -> None:
     """Consume micro-batches, run the pipeline, publish snapshots, commit offsets."""
+    from knowstream import metrics
     from knowstream.flows.ingest import ingest_flow
+
+    if metrics_port:
+        metrics.default().serve(metrics_port)
 
     def show(report) -> None:
         console.print(

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # --- serving ------------------------------------------------------------------
     api_token: SecretStr | None = None  # bearer token for /ask and /admin; env only, never logged
 
+    # --- operating ----------------------------------------------------------------
+    log_level: str = "INFO"  # knowstream's own loggers; other libraries stay at WARNING
+
     @field_validator("amortizer")
     @classmethod
     def _amortizer_spec(cls, spec: str) -> str:

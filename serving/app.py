@@ -21,11 +21,12 @@ import threading
 import time
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from pydantic import BaseModel, Field
 
+from knowstream import metrics as metrics_module
 from knowstream.memory import Memory
 from knowstream.serving.generate import answer, retrieve
 from knowstream.settings import Settings
@@ -69,19 +70,17 @@ class LiveVersion:
                 pass
 
 
-def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
+def create_app(
+    settings: Settings, *, poll_s: float = 2.0, metrics: metrics_module.Metrics | None = None
+) -> FastAPI:
+    """``metrics``: default: the process's registry (shared with an ingest worker)."""
     memory = Memory(settings)
     live = LiveVersion(memory, poll_s)
     # Qdrant local mode is one embedded engine: serialize reads through it.
     reads = threading.Lock() if not settings.qdrant_url else None
     token = settings.api_token.get_secret_value() if settings.api_token else None
 
-    metrics = CollectorRegistry()
-    requests = Counter(
-        "knowstream_requests", "HTTP requests", ["endpoint", "status"], registry=metrics
-    )
-    latency = Histogram("knowstream_ask_seconds", "Latency of /ask", ["mode"], registry=metrics)
-    live_gauge = Gauge("knowstream_live_version", "Version that live points at", registry=metrics)
+    metrics = metrics or metrics_module.default()
 
     def authorized(authorization: str | None = Header(default=None)) -> None:
         if token is None:
@@ -98,12 +97,25 @@ def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
     )
     app.state.live = live
 
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        # Every route and status, 401/422/500 included; unknown paths share one label.
+        started = time.perf_counter()
+        status = 500  # an exception that escapes the app is answered with 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
     @app.post("/ask", dependencies=[Depends(authorized)])
     def ask(req: AskRequest) -> dict:
         started = time.perf_counter()
         version = req.version if req.version is not None else live.current
         if version is None:
-            requests.labels("ask", "503").inc()
             raise HTTPException(503, "no live memory version yet")
         try:
             with reads or _nothing():
@@ -111,15 +123,12 @@ def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
                     memory, req.question, version=version, k=req.k, mode=req.mode
                 )
         except (LookupError, KeyError) as e:
-            requests.labels("ask", "404").inc()
             raise HTTPException(404, str(e)) from None
         try:
             reply = answer(memory, result, bank, req.mode)
         except LookupError as e:  # the served version's amortizer is not the configured one
-            requests.labels("ask", "409").inc()
             raise HTTPException(409, str(e)) from None
-        requests.labels("ask", "200").inc()
-        latency.labels(req.mode).observe(time.perf_counter() - started)
+        metrics.answer_seconds.labels(req.mode).observe(time.perf_counter() - started)
         return {
             "question": req.question,
             "answer": reply,
@@ -132,7 +141,6 @@ def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
 
     @app.get("/snapshots")
     def snapshots() -> list[dict]:
-        requests.labels("snapshots", "200").inc()
         return memory.history()
 
     @app.get("/healthz")
@@ -141,8 +149,11 @@ def create_app(settings: Settings, *, poll_s: float = 2.0) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
-        live_gauge.set(live.current or 0)
-        return generate_latest(metrics).decode()
+        try:
+            metrics.observe_versions(memory.registry)
+        except Exception:  # registry briefly unreachable: the last values stand
+            metrics.live_version.set(live.current or 0)
+        return generate_latest(metrics.registry).decode()
 
     @app.post("/admin/live", dependencies=[Depends(authorized)])
     def set_live(req: LiveRequest) -> dict:

@@ -69,7 +69,8 @@ def test_auth_snapshots_and_metrics(served):
     assert [r["version"] for r in rows] == [1, 2]
     text = served.get("/metrics").text
     assert (
-        "knowstream_live_version 2.0" in text and 'knowstream_requests_total{endpoint="ask"' in text
+        "knowstream_live_version 2.0" in text
+        and 'knowstream_http_requests_total{method="POST",route="/ask",status="401"}' in text
     )
     assert "/ask" in served.get("/openapi.json").json()["paths"]
 

@@ -7,6 +7,7 @@ from knowstream.connectors.kafka._source import (
     committed_offsets,
     consumer_lag,
     count_messages,
+    dead_letter_summary,
     offsets_of,
     read_range,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "committed_offsets",
     "consumer_lag",
     "count_messages",
+    "dead_letter_summary",
     "ensure_topics",
     "offsets_of",
     "produce_file",

@@ -25,6 +25,7 @@ a position all name the *next* record, so ranges are [start, end).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,6 +156,17 @@ class BatchConsumer:
         }
         if offsets:
             self._consumer.commit(offsets)
+
+    def backlog(self) -> dict[int, int]:
+        """``{partition: records after this member's position}`` as of the last fetch
+        (its high watermark, which tansu reports correctly): the consumer lag once the
+        polled records are committed, without reading the backlog."""
+        out = {}
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                out[tp.partition] = max(0, high - self._consumer.position(tp))
+        return out
 
     def _await_assignment(self, limit: int) -> list[KafkaRecord]:
         records: list[KafkaRecord] = []
@@ -407,3 +419,28 @@ def _timed_out(consumer: KafkaConsumer, deadline: float) -> bool:
         and not coordinator.coordinator_unknown()
     )
     return not (joining and now <= deadline + MAX_POLL_INTERVAL_MS / 1000)
+
+
+def dead_letter_summary(settings: Settings) -> dict:
+    """The dead-letter topic read once: ``{"messages", "distinct", "by_reason"}``.
+
+    A batch that is redelivered (a crash after its dead letters were sent, before
+    the commit) sends them again; ``distinct`` and ``by_reason`` count each source
+    record (topic, partition, offset) once, by its latest reason.
+    """
+    messages, reasons = 0, {}
+    with _GrouplessConsumer(settings) as consumer:
+        starts = dict.fromkeys(consumer.partitions(settings.dlq_topic))
+        for r in consumer.scan(settings.dlq_topic, starts, {}, settings.poll_timeout_ms):
+            messages += 1
+            try:
+                body = json.loads(r.value)
+                src = body["source"]
+                key = (src["topic"], src["partition"], src["offset"])
+                reasons[key] = str(body.get("reason"))
+            except (ValueError, KeyError, TypeError):  # not ours: count it as its own
+                reasons[(r.topic, r.partition, r.offset)] = "unreadable"
+    by_reason: dict[str, int] = {}
+    for reason in reasons.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return {"messages": messages, "distinct": len(reasons), "by_reason": by_reason}

@@ -1,0 +1,119 @@
+"""Prometheus series, scraped over HTTP while a real ingest runs (tansu, Beam, Qdrant, MLflow)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from knowstream import metrics
+from knowstream.connectors.kafka import dead_letter_summary, produce_file, send_dead_letters
+from knowstream.connectors.qdrant import close_clients
+from knowstream.flows.ingest import ingest_flow
+from knowstream.flows.observe import history_path
+from knowstream.serving.app import create_app
+from tests.fixtures_broker import free_port
+from tests.test_memory_e2e import sample_events, write_jsonl
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return samples(r.read().decode())
+
+
+def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
+    # 4 records a batch: the first holds two bad messages and two documents, the
+    # second the three documents left, so after the first the lag is 3.
+    settings = memory_settings.model_copy(update={"max_batch_messages": 4})
+    docs = sample_events(5)
+    lines = ["{not json", json.dumps({"op": "upsert", "text": "no id"}), *map(json.dumps, docs)]
+    produce_file(settings, write_jsonl(tmp_path / "in.jsonl", lines))
+    port = free_port()
+    metrics.default().serve(port)
+    topic = settings.topic
+    seen = []
+
+    def during(report) -> None:
+        seen.append((report, scrape(port)))
+
+    ingest_flow(settings, once=True, on_batch=during)
+    assert [r.messages for r, _ in seen] == [4, 3]
+
+    first, got = seen[0]
+    assert (
+        got[("knowstream_ingest_consumer_lag", frozenset({("topic", topic), ("partition", "0")}))]
+        == 3
+    )
+    for reason in ("invalid_json", "missing_doc_id"):
+        key = frozenset({("topic", topic), ("reason", reason)})
+        assert got[("knowstream_ingest_dead_letters_total", key)] == 1
+    stage = {
+        (dict(labels)["stage"], dict(labels)["counter"]): value
+        for (name, labels), value in got.items()
+        if name == "knowstream_ingest_stage_items_total" and dict(labels)["topic"] == topic
+    }
+    assert stage[("parse", "accepted")] == 2 and stage[("parse", "rejected")] == 2
+    assert stage == {tuple(k.split(".", 1)): v for k, v in first.counters.items()}
+    assert stage[("chunk", "chunks")] > 0 and stage[("amortize", "docs")] == 2
+    assert got[("knowstream_live_version", frozenset())] == first.version
+
+    last, got = seen[1]
+    assert (
+        got[("knowstream_ingest_consumer_lag", frozenset({("topic", topic), ("partition", "0")}))]
+        == 0
+    )
+    batches = frozenset({("topic", topic), ("kind", "ingest"), ("outcome", "published")})
+    assert got[("knowstream_ingest_batches_total", batches)] == 2
+    assert got[("knowstream_ingest_messages_total", frozenset({("topic", topic)}))] == 7
+    assert got[("knowstream_published_versions", frozenset())] == 2
+    assert got[("knowstream_live_version", frozenset())] == last.version
+    assert any(name == "process_cpu_seconds_total" for name, _ in got)
+    rows = [json.loads(x) for x in history_path(settings).read_text().splitlines()]
+    assert [r["lag"] for r in rows] == [3, 0]
+    assert rows[0]["dead_letters"] == {"invalid_json": 1, "missing_doc_id": 1}
+
+    # A redelivered batch sends its dead letters again: status counts records once.
+    send_dead_letters(settings, first.dead_letters)
+    dlq = dead_letter_summary(settings)
+    assert dlq == {
+        "messages": 4,
+        "distinct": 2,
+        "by_reason": {"invalid_json": 1, "missing_doc_id": 1},
+    }
+
+    # The API exposes the same registry, with every route and status code counted.
+    app_metrics = metrics.Metrics()
+    close_clients()
+    app = create_app(settings.model_copy(update={"api_token": SecretStr("t")}), metrics=app_metrics)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        ok = {"Authorization": "Bearer t"}
+        assert client.post("/ask", json={"question": "Super Bowl?"}).status_code == 401
+        assert client.post("/ask", json={"question": ""}, headers=ok).status_code == 422
+        assert client.post("/ask", json={"question": "Super Bowl?"}, headers=ok).status_code == 200
+        assert client.post("/admin/live", json={"version": 1}, headers=ok).status_code == 200
+        got = samples(client.get("/metrics").text)
+    close_clients()
+
+    def requests(route: str, status: int) -> float:
+        labels = {("route", route), ("method", "POST"), ("status", str(status))}
+        return got[("knowstream_http_requests_total", frozenset(labels))]
+
+    assert requests("/ask", 401) == requests("/ask", 422) == requests("/ask", 200) == 1
+    assert requests("/admin/live", 200) == 1
+    assert got[("knowstream_answer_seconds_count", frozenset({("mode", "evidence")}))] == 1
+    assert (
+        "knowstream_answer_seconds_bucket",
+        frozenset({("mode", "evidence"), ("le", "120.0")}),
+    ) in got
+    assert got[("knowstream_live_version", frozenset())] == 1
