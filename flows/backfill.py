@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 
 from knowstream.connectors.kafka import KafkaRecord, read_range
 from knowstream.flows.batch import BatchReport, process_batch
+from knowstream.flows.observe import after_batch
 from knowstream.memory import Memory
 from knowstream.settings import Settings
 
@@ -76,6 +77,7 @@ def backfill_flow(
     report = process_batch(
         settings, memory, records, parent=parent, kind="backfill", make_live=promote
     )
+    after_batch(settings, memory, report)
     get_run_logger().info(
         "backfill: %d records on base %s -> version %s%s",
         len(records),

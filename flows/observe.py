@@ -15,16 +15,11 @@ import logging
 import re
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 
-from knowstream import metrics
+from knowstream import logs, metrics
 from knowstream.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def history_path(settings: Settings) -> Path:
-    return settings.home / "history" / "batches.jsonl"
 
 
 def summary(topic: str, report) -> dict:
@@ -57,7 +52,7 @@ def after_batch(settings: Settings, memory, report) -> dict:
     )
     m = metrics.default()
     m.observe_batch(settings.topic, report)
-    path = history_path(settings)
+    path = logs.history_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")

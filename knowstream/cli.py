@@ -245,6 +245,22 @@ def deploy(
 
 
 @app.command()
+def report(
+    ctx: typer.Context,
+    eval_file: Annotated[
+        Path | None, typer.Option("--eval", help="Eval result JSON; default: the latest.")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page with plots under <home>/reports/."""
+    from knowstream import report as page
+    from knowstream.connectors.mlflow import Registry
+
+    s = _settings(ctx)
+    path = page.write(s, Registry(s), eval_path=eval_file)
+    console.print(f"report written: {path.resolve()}")
+
+
+@app.command()
 def snapshots(ctx: typer.Context) -> None:
     """The snapshot history as a table."""
     from knowstream.memory import Memory

@@ -42,6 +42,11 @@ def log_file(settings: Settings) -> Path:
     return settings.home / "logs" / "knowstream.log"
 
 
+def history_file(settings: Settings) -> Path:
+    """One JSON line per processed batch (``flows/observe.py``), plotted by the report."""
+    return settings.home / "history" / "batches.jsonl"
+
+
 class JsonLines(logging.Formatter):
     """One JSON object a line: time, level, logger, pid, message, and any ``extra=``."""
 

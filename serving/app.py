@@ -22,7 +22,7 @@ import time
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from pydantic import BaseModel, Field
 
@@ -154,6 +154,13 @@ def create_app(
         except Exception:  # registry briefly unreachable: the last values stand
             metrics.live_version.set(live.current or 0)
         return generate_latest(metrics.registry).decode()
+
+    @app.get("/report", response_class=HTMLResponse)
+    def report_page() -> str:
+        """The page `knowstream report` writes: versions, ingest, dead letters, eval."""
+        from knowstream.report import render
+
+        return render(settings, memory.registry)
 
     @app.post("/admin/live", dependencies=[Depends(authorized)])
     def set_live(req: LiveRequest) -> dict:

@@ -9,11 +9,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from knowstream import metrics
+from knowstream import logs, metrics
 from knowstream.connectors.kafka import dead_letter_summary, produce_file, send_dead_letters
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.ingest import ingest_flow
-from knowstream.flows.observe import history_path
 from knowstream.serving.app import create_app
 from tests.fixtures_broker import free_port
 from tests.test_memory_e2e import sample_events, write_jsonl
@@ -79,7 +78,7 @@ def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
     assert got[("knowstream_published_versions", frozenset())] == 2
     assert got[("knowstream_live_version", frozenset())] == last.version
     assert any(name == "process_cpu_seconds_total" for name, _ in got)
-    rows = [json.loads(x) for x in history_path(settings).read_text().splitlines()]
+    rows = [json.loads(x) for x in logs.history_file(settings).read_text().splitlines()]
     assert [r["lag"] for r in rows] == [3, 0]
     assert rows[0]["dead_letters"] == {"invalid_json": 1, "missing_doc_id": 1}
 

@@ -74,6 +74,20 @@ def _info(mv) -> VersionInfo:
     )
 
 
+def describe(manifest: SnapshotManifest) -> str:
+    """What a version changed, for its description in MLflow's model registry UI."""
+    c = manifest.counts
+    on = f"on version {manifest.parent}" if manifest.parent else "from empty memory"
+    offsets = ", ".join(f"{o.topic}[{o.partition}] {o.start}-{o.end - 1}" for o in manifest.offsets)
+    return (
+        f"{manifest.kind} {on}: {c.get('batch_upserts', 0)} documents added or updated, "
+        f"{c.get('batch_deletes', 0)} deleted, {c.get('batch_dead_letters', 0)} dead letters. "
+        f"Now {c.get('docs', 0)} documents, {c.get('chunks', 0)} chunks, "
+        f"{c.get('triples', 0)} triples. Records: {offsets or 'none'}. "
+        f"Amortizer {manifest.model_versions.get('amortizer', '?')}."
+    )
+
+
 class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -136,6 +150,7 @@ class Registry:
         }
         for k, v in tags.items():
             self.client.set_model_version_tag(self.name, str(version), k, v)
+        self.client.update_model_version(self.name, str(version), description=describe(manifest))
         # The state tag goes last: a reader that sees "published" sees all the rest.
         self.client.set_model_version_tag(self.name, str(version), "state", "published")
         self.client.set_terminated(run_id, "FINISHED")
@@ -151,6 +166,12 @@ class Registry:
         if info.state != "published":
             raise ValueError(f"version {version} is {info.state}, not published")
         self.client.set_registered_model_alias(self.name, LIVE, str(version))
+        # When it went live, kept on the version: the report draws live's moves and rollbacks.
+        stamps = [t for t in info.tags.get("live_at", "").split(",") if t]
+        stamps.append(datetime.now(UTC).isoformat(timespec="seconds"))
+        self.client.set_model_version_tag(
+            self.name, str(version), "live_at", ",".join(stamps[-150:])
+        )
 
     # --- reading ------------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
