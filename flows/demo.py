@@ -11,7 +11,8 @@
 5. the LM's answers (mode mac+rag: retrieved chunks in the prompt plus the
    memory's modulation from the shipped trained amortizer) to the questions the
    update changes, from version 1, version 2 and after the rollback,
-6. print the snapshot history, stop the broker.
+6. print the snapshot history, stop the broker,
+7. write the report (``<home>/reports/``: versions, ingest, dead letters, eval as plots).
 
 It starts from empty state in its own ``--home`` (refusing to wipe a folder it
 did not create) so that every run shows versions 1 and 2.
@@ -32,11 +33,15 @@ MARKER = ".knowstream-demo"  # only folders holding this are wiped
 
 
 def _fresh_home(home: Path) -> None:
+    # logs/ is kept: the CLI has opened its log file there already.
+    kept = {"logs"}
     if home.exists():
-        if not (home / MARKER).exists() and any(home.iterdir()):
+        if not (home / MARKER).exists() and any(p.name not in kept for p in home.iterdir()):
             raise SystemExit(f"{home} exists and was not made by the demo; pick another --home")
-        shutil.rmtree(home)
-    home.mkdir(parents=True)
+        for p in home.iterdir():
+            if p.name not in kept:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    home.mkdir(parents=True, exist_ok=True)
     (home / MARKER).write_text("made by `knowstream demo`; wiped at its next run\n")
 
 
@@ -103,6 +108,7 @@ def _answer_table(questions: list[dict], old: dict[str, str], columns: dict[str,
 
 
 def run_demo(settings: Settings, data: Path, console: Console) -> None:
+    from knowstream import report
     from knowstream.connectors.kafka import count_messages, produce_file
     from knowstream.display import print_result, snapshot_table
     from knowstream.flows.backfill import rollback_flow
@@ -192,6 +198,10 @@ def run_demo(settings: Settings, data: Path, console: Console) -> None:
 
         console.print(Rule("6. snapshot history"))
         console.print(snapshot_table(memory.history()))
+
+        console.print(Rule("7. the report"))
+        page = report.write(settings, memory.registry)
+        console.print(f"versions, ingest, dead letters and eval as plots: {page.resolve()}")
     finally:
         services.stop_all(settings)
         console.print("services stopped")

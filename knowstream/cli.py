@@ -156,15 +156,10 @@ def ingest(
     if metrics_port:
         metrics.default().serve(metrics_port)
 
-    def show(report) -> None:
-        console.print(
-            f"batch of {report.messages} messages -> "
-            + (f"version {report.version}" if report.version else "no change")
-            + f" ({len(report.dead_letters)} dead letters)"
-        )
+    from knowstream.progress import BatchProgress
 
-    with console.status("ingesting..."):
-        ingest_flow(_settings(ctx), once=once, max_batches=max_batches, on_batch=show)
+    with BatchProgress(console, "records") as bar:
+        ingest_flow(_settings(ctx), once=once, max_batches=max_batches, on_batch=bar.batch)
 
 
 def _partition_offsets(values: list[str] | None) -> dict[int, int] | None:
@@ -197,8 +192,9 @@ def backfill(
 ) -> None:
     """Replay a range into a side line of versions without touching live."""
     from knowstream.flows.backfill import backfill_flow
+    from knowstream.progress import BatchProgress
 
-    with console.status("backfilling..."):
+    with BatchProgress(console, "records replayed") as bar:
         report = backfill_flow(
             _settings(ctx),
             start=_partition_offsets(from_offset),
@@ -210,6 +206,7 @@ def backfill(
             amortizer=amortizer,
             promote=promote,
         )
+        bar.batch(report)
     console.print(f"replayed {report.messages} records -> version {report.version}")
 
 

@@ -66,6 +66,11 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def _not_beam_root(record: logging.LogRecord) -> bool:
+    """Beam warns through the root logger about optional cloud clients; the file keeps it."""
+    return not (record.name == "root" and "apache_beam" in record.pathname)
+
+
 def setup(settings: Settings, *, level: str | None = None) -> Path:
     """Send ``knowstream.*`` at ``level`` (default ``settings.log_level``) to stderr and to
     the rotating file, other libraries' warnings to both; returns the file's path."""
@@ -79,6 +84,7 @@ def setup(settings: Settings, *, level: str | None = None) -> Path:
     to_file.setFormatter(JsonLines())
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_terminal.addFilter(_not_beam_root)
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, "_knowstream", False)]:
         root.removeHandler(h)  # setup twice in one process (tests) must not double lines

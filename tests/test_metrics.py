@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
+from pathlib import Path
 
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
@@ -16,6 +19,8 @@ from knowstream.flows.ingest import ingest_flow
 from knowstream.serving.app import create_app
 from tests.fixtures_broker import free_port
 from tests.test_memory_e2e import sample_events, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -116,3 +121,25 @@ def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
         frozenset({("mode", "evidence"), ("le", "120.0")}),
     ) in got
     assert got[("knowstream_live_version", frozenset())] == 1
+
+
+def test_grafana_dashboard_uses_exported_series():
+    # Every series the dashboard queries is one this code exports (after one sample of each).
+    m = metrics.Metrics()
+    m.lag.labels("t", "0").set(1)
+    m.dead_letters.labels("t", "invalid_json").inc()
+    m.stage_items.labels("t", "parse", "accepted").inc()
+    m.batches.labels("t", "ingest", "published").inc()
+    m.messages.labels("t").inc()
+    m.step_seconds.labels("batch").observe(1)
+    m.last_batch.labels("t").set_to_current_time()
+    m.requests.labels("/ask", "POST", "200").inc()
+    m.request_seconds.labels("/ask").observe(1)
+    m.answer_seconds.labels("rag").observe(1)
+    exported = {name for name, _ in samples(generate_latest(m.registry).decode())}
+    dashboard = json.loads((ROOT / "infra" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {n for e in exprs for n in re.findall(r"\b((?:knowstream|process)_[a-z_]+)", e)}
+    assert used and used <= exported, used - exported
+    for family in ("consumer_lag", "dead_letters", "stage_items", "answer_seconds"):
+        assert any(family in n for n in used)

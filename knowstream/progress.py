@@ -1,0 +1,75 @@
+"""Progress of micro-batches on a terminal: records with rate and ETA, and per-stage counts.
+
+The total is what was consumed plus the lag after the last batch, so the ETA
+follows the backlog as it grows or shrinks. Stages report their Beam counters
+(``parse.accepted``, ``chunk.chunks``, ``embed.chunks``, ``amortize.docs``, ...) once
+their batch is done. Without a terminal this shows nothing: each batch logs one
+line instead (``flows/observe.py``).
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+# Counters shown as their own rows (the rest are in the batch log line).
+STAGES = {
+    "parse.accepted": "parse: valid events",
+    "parse.rejected": "parse: dead letters",
+    "chunk.chunks": "chunk: chunks",
+    "embed.chunks": "embed: chunks embedded",
+    "triples.triples": "triples: triples",
+    "amortize.docs": "amortize: memory entries",
+}
+
+
+class BatchProgress:
+    def __init__(self, console: Console, what: str) -> None:
+        self.on = console.is_terminal
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<26}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>9}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.on,
+        )
+        self.records = self.bar.add_task(what, total=None, rate="")
+        self.batches = self.bar.add_task("batches", total=None, rate="")
+        self.stages: dict[str, TaskID] = {}
+
+    def __enter__(self) -> BatchProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def batch(self, report) -> None:
+        """Count one ``flows.batch.BatchReport``."""
+        done = self.bar.tasks[self.records].completed + report.messages
+        total = done + sum(report.lag.values()) if report.lag else None
+        self.bar.update(self.records, completed=done, total=total, rate=self._rate(self.records))
+        self.bar.advance(self.batches)
+        for name, label in STAGES.items():
+            if name in report.counters:
+                if name not in self.stages:
+                    self.stages[name] = self.bar.add_task(label, total=None, rate="")
+                self.bar.advance(self.stages[name], report.counters[name])
+                self.bar.update(self.stages[name], rate=self._rate(self.stages[name]))
+
+    def _rate(self, task: TaskID) -> str:
+        t = self.bar.tasks[task]
+        return f"{t.completed / t.elapsed:.1f}/s" if t.elapsed else ""
