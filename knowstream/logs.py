@@ -74,7 +74,9 @@ def _not_beam_root(record: logging.LogRecord) -> bool:
 def setup(settings: Settings, *, level: str | None = None) -> Path:
     """Send ``knowstream.*`` at ``level`` (default ``settings.log_level``) to stderr and to
     the rotating file, other libraries' warnings to both; returns the file's path."""
-    # Before Prefect is imported: its loggers read these once.
+    # Before Prefect and MLflow are imported: they configure their loggers from these.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "knowstream")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

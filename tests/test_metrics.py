@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from knowstream import logs, metrics
 from knowstream.connectors.kafka import dead_letter_summary, produce_file, send_dead_letters
+from knowstream.connectors.mlflow import Registry
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.ingest import ingest_flow
 from knowstream.serving.app import create_app
@@ -86,6 +87,31 @@ def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
     rows = [json.loads(x) for x in logs.history_file(settings).read_text().splitlines()]
     assert [r["lag"] for r in rows] == [3, 0]
     assert rows[0]["dead_letters"] == {"invalid_json": 1, "missing_doc_id": 1}
+
+    # Each batch left a Prefect table artifact, each version's MLflow run its durations,
+    # lag and a plot, and the registry version a description of what changed.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    key = f"ingest-batch-{topic}".lower()
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    assert len(found) == 2 and all(a.type == "table" for a in found)
+    cells = {row["field"]: row["value"] for row in json.loads(found[0].data)} | {
+        row["field"]: row["value"] for row in json.loads(found[1].data)
+    }
+    assert "dead letters: invalid_json" in cells and "stage parse.accepted" in cells
+    registry = Registry(settings)
+    run = registry.client.get_run(registry.get(first.version).run_id)
+    assert run.data.metrics["lag_after"] == 3 and run.data.metrics["messages"] == 4
+    assert "pipeline_seconds" in run.data.metrics and "publish_seconds" in run.data.metrics
+    plots = [a.path for a in registry.client.list_artifacts(run.info.run_id, "plots")]
+    assert plots == ["plots/counts.png"]
+    described = registry.client.get_model_version(registry.name, str(first.version)).description
+    assert described.startswith("ingest from empty memory: 2 documents added or updated")
+    assert "2 dead letters" in described
 
     # A redelivered batch sends its dead letters again: status counts records once.
     send_dead_letters(settings, first.dead_letters)
