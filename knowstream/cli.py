@@ -307,6 +307,7 @@ def serve(
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     data: Annotated[
         Path, typer.Option(help="SQuAD-format JSONL (doc_id, title, text, question, answers).")
     ],
@@ -366,6 +367,10 @@ def evaluate(
         console.print(f"retention {mode}: F1 {f1s}")
     if out:
         out.write_text(json.dumps(res, indent=1))
+    # Kept under --home too: `knowstream report` shows the latest one.
+    saved = _settings(ctx).home / "eval" / f"eval-{datetime.now():%Y%m%dT%H%M%S}.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(res, indent=1))
 
 
 @app.command()

@@ -122,6 +122,8 @@ def timeline_svg(versions: list[dict], live: int | None) -> str:
             )
     for kind in ("ingest", "backfill"):
         shown = [v for v in by_version.values() if v["kind"] == kind and v["state"] == "published"]
+        if not shown:
+            continue
         ax.scatter(
             [v["created"] for v in shown],
             [v["version"] for v in shown],
@@ -173,7 +175,7 @@ def timeline_svg(versions: list[dict], live: int | None) -> str:
         )
     ax.set_ylabel("version")
     ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     fig.autofmt_xdate()
     return _svg(fig)
@@ -216,6 +218,9 @@ def throughput_svg(batches: list[dict]) -> str:
         label="lag after batch",
     )
     lag.set_ylabel("consumer lag (records)", color=COLORS["rollback"])
+    lag.set_ylim(bottom=0, top=max([1, *(b["lag"] or 0 for b in batches)]) * 1.1)
+    ax.set_ylim(bottom=0)
+    fig.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     fig.autofmt_xdate()
     return _svg(fig)
