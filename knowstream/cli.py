@@ -159,7 +159,15 @@ def ingest(
     from knowstream.progress import BatchProgress
 
     with BatchProgress(console, "records") as bar:
-        ingest_flow(_settings(ctx), once=once, max_batches=max_batches, on_batch=bar.batch)
+        reports = ingest_flow(
+            _settings(ctx), once=once, max_batches=max_batches, on_batch=bar.batch
+        )
+    versions = [r.version for r in reports if r.version]
+    console.print(
+        f"{len(reports)} batches, {sum(r.messages for r in reports)} records -> "
+        + (f"version {versions[-1]}" if versions else "no new version")
+        + f" ({sum(len(r.dead_letters) for r in reports)} dead letters)"
+    )
 
 
 def _partition_offsets(values: list[str] | None) -> dict[int, int] | None:

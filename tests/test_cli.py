@@ -50,6 +50,7 @@ def test_cli_round_trip(broker, tmp_path):
 
     status = cli("status")
     assert "live version" in status and "consumer lag" in status and "dead letters" in status
+    assert str(tmp_path / "home" / "logs" / "knowstream.log") in status.replace("\n", "")
     assert "live -> version 1" in cli("rollback", "1")
     assert "24–10" in cli("ask", "What was the final score of Super Bowl 50?", "--k", "2")
     for command in (
