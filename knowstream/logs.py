@@ -66,6 +66,18 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (test runners and rich swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _not_beam_root(record: logging.LogRecord) -> bool:
     """Beam warns through the root logger about optional cloud clients; the file keeps it."""
     return not (record.name == "root" and "apache_beam" in record.pathname)
@@ -84,7 +96,7 @@ def setup(settings: Settings, *, level: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     to_file = RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
     to_file.setFormatter(JsonLines())
-    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal = _Stderr()
     to_terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_terminal.addFilter(_not_beam_root)
     root = logging.getLogger()
