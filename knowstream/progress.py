@@ -71,5 +71,6 @@ class BatchProgress:
                 self.bar.update(self.stages[name], rate=self._rate(self.stages[name]))
 
     def _rate(self, task: TaskID) -> str:
-        t = self.bar.tasks[task]
-        return f"{t.completed / t.elapsed:.1f}/s" if t.elapsed else ""
+        # Over the whole run (a stage's row appears only after its first batch).
+        elapsed = self.bar.tasks[self.records].elapsed
+        return f"{self.bar.tasks[task].completed / elapsed:.1f}/s" if elapsed else ""
