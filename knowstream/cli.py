@@ -342,8 +342,9 @@ def evaluate(
     bundled one."""
     from knowstream.models.evaluate import evaluate as run_eval
     from knowstream.models.inference import bundled_checkpoint
+    from knowstream.progress import StepProgress
 
-    with console.status("evaluating..."):
+    with StepProgress(console) as bar:
         res = run_eval(
             data,
             checkpoint or bundled_checkpoint(),
@@ -353,6 +354,7 @@ def evaluate(
             split,
             retrieval=retrieval,
             retention_modes=[m for m in retention_modes.split(",") if m],
+            on_batch=bar.update,
         )
     table = Table(title=f"{res['split']} split: {res['n']} questions, {res['n_articles']} articles")
     for col in ("mode", "n", "EM [95% CI]", "F1 [95% CI]"):

@@ -14,12 +14,14 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 # Counters shown as their own rows (the rest are in the batch log line).
 STAGES = {
@@ -30,6 +32,13 @@ STAGES = {
     "triples.triples": "triples: triples",
     "amortize.docs": "amortize: memory entries",
 }
+
+
+class RateColumn(ProgressColumn):
+    """Done per second since the task started."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.completed / task.elapsed:>7.2f}/s" if task.elapsed else "")
 
 
 class BatchProgress:
@@ -74,3 +83,34 @@ class BatchProgress:
         # Over the whole run (a stage's row appears only after its first batch).
         elapsed = self.bar.tasks[self.records].elapsed
         return f"{self.bar.tasks[task].completed / elapsed:.1f}/s" if elapsed else ""
+
+
+class StepProgress:
+    """One bar per named step (an eval mode): done of total, rate and ETA; off without a
+    terminal, where each step logs its own line."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<26}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self.steps: dict[str, TaskID] = {}
+
+    def __enter__(self) -> StepProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, step: str, done: int, total: int) -> None:
+        if step not in self.steps:
+            self.steps[step] = self.bar.add_task(step, total=total)
+        self.bar.update(self.steps[step], completed=done, total=total)

@@ -39,6 +39,7 @@ import re
 import string
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,7 @@ class Context:
     def __init__(self, records, lm, tokenizer, encoder, mac, retrieval, batch_size, seed):
         self.lm, self.tokenizer, self.encoder, self.mac = lm, tokenizer, encoder, mac
         self.retrieval, self.batch_size, self.seed = retrieval, batch_size, seed
+        self.on_batch: Callable[[str, int, int], None] | None = None  # (mode, done, total)
         self.texts = passages(records)
         self.entries: dict[str, torch.Tensor] = {}
         if mac is not None:
@@ -206,6 +208,8 @@ def run_mode(
         pool = sorted(allowed) if allowed is not None else None
         wrong = wrong_passages(records, ctx.seed, max(k, 1), pool)
     preds: list[str] = []
+    if ctx.on_batch:
+        ctx.on_batch(mode, 0, len(records))
     for start in range(0, len(records), ctx.batch_size):
         batch = records[start : start + ctx.batch_size]
         if name == "gold_passage":
@@ -233,6 +237,8 @@ def run_mode(
                 cache = prefix_cache(ctx.mac, summary, ctx.lm.dtype)
             P = ctx.mac.config.prefix_len
         preds += generate(ctx.lm, ctx.tokenizer, prompts, cache, P, max_new_tokens)
+        if ctx.on_batch:
+            ctx.on_batch(mode, len(preds), len(records))
     return preds
 
 
@@ -305,6 +311,7 @@ def evaluate(
     models=None,
     retrieval: str | Path | None = None,
     retention_modes: tuple[str, ...] | list[str] = (),
+    on_batch: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """EM/F1 (percent) with 95% bootstrap intervals for each mode on the questions
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
@@ -330,6 +337,7 @@ def evaluate(
     elif any("@" in m for m in [*modes, *retention_modes]):
         hits = ranked_hits(retrieve(everything, encoder))
     ctx = Context(everything, lm, tokenizer, encoder, mac, hits, batch_size, seed)
+    ctx.on_batch = on_batch  # progress: (mode, questions answered, questions)
     result: dict = {
         "split": split,
         "n": len(records),
