@@ -126,7 +126,13 @@ def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
     app_metrics = metrics.Metrics()
     close_clients()
     app = create_app(settings.model_copy(update={"api_token": SecretStr("t")}), metrics=app_metrics)
+
+    def boom() -> None:
+        raise RuntimeError("a bug in a handler")
+
+    app.add_api_route("/boom", boom)  # an endpoint that fails: counted as a 500
     with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/boom").status_code == 500
         ok = {"Authorization": "Bearer t"}
         assert client.post("/ask", json={"question": "Super Bowl?"}).status_code == 401
         assert client.post("/ask", json={"question": ""}, headers=ok).status_code == 422
@@ -141,6 +147,8 @@ def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
 
     assert requests("/ask", 401) == requests("/ask", 422) == requests("/ask", 200) == 1
     assert requests("/admin/live", 200) == 1
+    boom_labels = frozenset({("route", "/boom"), ("method", "GET"), ("status", "500")})
+    assert got[("knowstream_http_requests_total", boom_labels)] == 1
     assert got[("knowstream_answer_seconds_count", frozenset({("mode", "evidence")}))] == 1
     assert (
         "knowstream_answer_seconds_bucket",
