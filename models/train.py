@@ -36,6 +36,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -294,9 +295,11 @@ def train(
     val_records: list[QA],
     out: Path | None,
     log=print,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """The training loop on already-loaded models; returns the metrics dict
-    (also written to ``out/metrics.json`` if ``out`` is given)."""
+    (also written to ``out/metrics.json`` if ``out`` is given). ``on_step`` gets the
+    step and the fraction of the run done (steps or time budget, whichever is ahead)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
@@ -383,6 +386,8 @@ def train(
         running_qa += float(nll.mean().detach())
         n_running += 1
         step += 1
+        if on_step:
+            on_step(step, max(step / max_steps, (time.time() - t0) / budget))
         if step % log_every == 0 or step == 1:
             rec = {
                 "step": step,
@@ -427,7 +432,26 @@ def main(argv: list[str]) -> None:
     cfg = MACConfig(n_tokens=n_tokens, prefix_len=prefix_len, dropout=dropout)
     mac = MAC.load(init_from, device) if init_from else MAC.init(cfg).to(device)
     print(f"{len(train_records)} train / {len(val_records)} val questions on {device}", flush=True)
-    m = train(mac, lm, tokenizer, encoder, train_records, val_records, out, log=_log)
+    from rich.progress import Progress, TextColumn
+
+    # On a terminal: a bar over the run (steps or time budget); in a log file: the lines.
+    with Progress(
+        *Progress.get_default_columns(),
+        TextColumn("step {task.fields[step]}"),
+        disable=not sys.stdout.isatty(),
+    ) as bar:
+        task = bar.add_task("training", total=1.0, step=0)
+        m = train(
+            mac,
+            lm,
+            tokenizer,
+            encoder,
+            train_records,
+            val_records,
+            out,
+            log=_log,  # printed above the bar (rich redirects stdout)
+            on_step=lambda step, done: bar.update(task, completed=min(done, 1.0), step=step),
+        )
     print(json.dumps({"best": m["best"], "steps": m["steps"]}), flush=True)
 
 

@@ -81,7 +81,19 @@ def test_tiny_training_run_lowers_the_loss(tokenizer, monkeypatch):
         "recon_weight": 0.5,
     }.items():
         monkeypatch.setattr(train_mod, name, value)
-    m = train_mod.train(mac, lm, tokenizer, load_encoder(), records, [], out=None, log=lambda _: 0)
+    seen = []
+    m = train_mod.train(
+        mac,
+        lm,
+        tokenizer,
+        load_encoder(),
+        records,
+        [],
+        out=None,
+        log=lambda _: 0,
+        on_step=lambda step, done: seen.append((step, done)),
+    )
+    assert [s for s, _ in seen] == list(range(1, 41)) and seen[-1][1] >= 1.0  # progress
     losses = [r["loss"] for r in m["train"]]
     assert m["steps"] == 40 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5
