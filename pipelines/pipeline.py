@@ -5,13 +5,16 @@
        └─► dead letters                           │                └──triples──► triples
                                                   │   upserts ──amortize──────► modulations
                                                   └─ deletes ─────────────────► doc rows
+           a document that makes chunk, embed, triples or amortize raise ──► dead letters,
+           and its other rows are dropped (``pipelines/faults.py``)
                                                           all of it ──stage──► Parquet
 
 It is a bounded pipeline: the ingest flow reads a micro-batch from Kafka
 (until an empty poll), runs this, publishes, and only then commits offsets.
 Runs in-process on Beam's FnApiRunner by default; any runner named with
 ``--runner`` in ``Settings.beam_args`` (Flink, Spark, Dataflow) runs the same
-graph, since every stage is a plain DoFn whose models load in ``setup()``.
+graph, since every stage is a DoFn or a RunInference model handler whose models
+load once per worker.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from knowstream.pipelines.faults import Isolated, drop_failed, failure
 from knowstream.pipelines.stages.amortize import Amortize
 from knowstream.pipelines.stages.chunk import Chunk
 from knowstream.pipelines.stages.dedup import SKIPPED, Dedup
@@ -68,33 +72,31 @@ def build(
     upserts = deduped.changes | "upserts" >> beam.Filter(lambda s: s["event"].op == "upsert")
     deletes = deduped.changes | "deletes" >> beam.Filter(lambda s: s["event"].op == "delete")
 
-    chunked = upserts | "chunk" >> beam.ParDo(
-        Chunk(settings.chunk_tokens, settings.chunk_overlap, model)
-    )  # {"doc": DOC row, "text", "published_at", "chunks": [chunk dicts without embedding]}
+    fail = settings.failpoints
+    chunked, chunk_failed = (
+        upserts
+        | "chunk"
+        >> beam.ParDo(
+            Chunk(settings.chunk_tokens, settings.chunk_overlap, model, fail.get("chunk", ()))
+        ).with_exception_handling()
+    )  # {"doc": DOC row, "text", "published_at", "chunks": [...]}
+    chunk_failures = chunk_failed | "chunk failures" >> beam.Map(
+        lambda bad: failure("chunk", bad[0]["event"].doc_id, bad[1])
+    )
 
-    chunks = (
+    chunks, embed_failures = (
         chunked
         | "flatten chunks" >> beam.FlatMap(lambda d: d["chunks"])
-        | "batch chunks"
-        >> beam.BatchElements(
-            min_batch_size=settings.embed_batch, max_batch_size=settings.embed_batch
-        )
-        | "embed" >> beam.ParDo(Embed(settings.torch_threads))
+        | "embed"
+        >> Isolated(Embed(settings.torch_threads, settings.embed_batch, fail.get("embed", ())))
     )  # CHUNK rows with "embedding"
 
-    triples = (
-        chunked
-        | "batch for triples" >> beam.BatchElements(min_batch_size=16, max_batch_size=32)
-        | "triples" >> beam.ParDo(Triples())
+    triples, triples_failures = chunked | "triples" >> Isolated(
+        Triples(fail=fail.get("triples", ()))
     )  # TRIPLE rows
 
-    modulations = (
-        upserts
-        | "batch for amortize"
-        >> beam.BatchElements(
-            min_batch_size=settings.amortize_batch, max_batch_size=settings.amortize_batch
-        )
-        | "amortize" >> beam.ParDo(Amortize.from_settings(settings))
+    modulations, amortize_failures = upserts | "amortize" >> Isolated(
+        Amortize.from_settings(settings)
     )  # MODULATION rows, (T, d_lm) float16 each
 
     docs = (
@@ -102,13 +104,26 @@ def build(
         deletes | "delete rows" >> beam.Map(doc_row, model, 0),
     ) | "all doc rows" >> beam.Flatten()  # DOC rows
 
-    for name, pcoll in (
-        ("docs", docs),
-        ("chunks", chunks),
-        ("triples", triples),
-        ("modulations", modulations),
-        ("dead_letters", parsed[DEAD_LETTERS]),
-    ):
+    # A document that failed in any stage: one dead letter, and none of its rows staged.
+    sources = upserts | "sources" >> beam.Map(
+        lambda s: (s["event"].doc_id, {k: s[k] for k in ("topic", "partition", "offset")})
+    )
+    failures = (
+        chunk_failures,
+        embed_failures,
+        triples_failures,
+        amortize_failures,
+    ) | "all failures" >> beam.Flatten()  # (doc_id, failure)
+    staged = drop_failed(
+        failures,
+        sources,
+        {"docs": docs, "chunks": chunks, "triples": triples, "modulations": modulations},
+    )
+    dead_letters = (
+        parsed[DEAD_LETTERS],
+        staged.pop("dead_letters"),
+    ) | "all dead letters" >> beam.Flatten()
+    for name, pcoll in (*staged.items(), ("dead_letters", dead_letters)):
         _ = pcoll | f"stage {name}" >> WriteStaged(staging, name)
 
 
@@ -126,8 +141,8 @@ def run_batch(
     build(p, records, settings=settings, known=known, model=model, staging=staging)
     result = p.run()
     result.wait_until_finish()
-    counters = {
-        f"{c.key.metric.namespace}.{c.key.metric.name}": int(c.committed or 0)
-        for c in result.metrics().query()["counters"]
-    }
+    counters: dict[str, int] = {}
+    for c in result.metrics().query()["counters"]:  # summed over the steps that share a name
+        name = f"{c.key.metric.namespace}.{c.key.metric.name}"
+        counters[name] = counters.get(name, 0) + int(c.committed or 0)
     return BatchResult(read_staged(staging), counters)

@@ -270,15 +270,46 @@ DOC_SCHEMA = pa.schema(
     ]
 )
 
-# A rejected message, as it goes to "<topic>.dlq".
+# A rejected message, as it goes to "<topic>.dlq": one per source message (Kafka coordinates),
+# from the stage that refused it. Rows are built by ``dead_letter`` only.
 DEAD_LETTER_SCHEMA = pa.schema(
     [
         ("topic", pa.string()),
         ("partition", pa.int32()),
         ("offset", pa.int64()),
         ("key", pa.binary()),
-        ("value", pa.binary()),
-        ("reason", pa.string()),  # machine-readable code, e.g. "invalid_json"
-        ("detail", pa.string()),  # for people
+        ("value", pa.binary()),  # the message as received (parse); None from later stages
+        ("doc_id", pa.string()),  # None when parse could not read one
+        ("stage", pa.string()),  # "parse", "chunk", "embed", "triples" or "amortize"
+        ("error", pa.string()),  # exception class, e.g. "InvalidEvent", "RuntimeError"
+        ("reason", pa.string()),  # machine-readable code, e.g. "invalid_json", "stage_error"
+        ("detail", pa.string()),  # for people: the error's message, cut at MAX_DETAIL_CHARS
     ]
 )
+MAX_DETAIL_CHARS = 500
+
+
+def dead_letter(
+    source: dict[str, Any],
+    *,
+    stage: str,
+    error: str,
+    reason: str,
+    detail: str,
+    doc_id: str | None = None,
+    key: bytes | None = None,
+    value: bytes | None = None,
+) -> dict[str, Any]:
+    """A DEAD_LETTER_SCHEMA row for the message at ``source`` (topic, partition, offset)."""
+    return {
+        "topic": source["topic"],
+        "partition": source["partition"],
+        "offset": source["offset"],
+        "key": key,
+        "value": value,
+        "doc_id": doc_id,
+        "stage": stage,
+        "error": error,
+        "reason": reason,
+        "detail": detail[:MAX_DETAIL_CHARS],
+    }

@@ -1,4 +1,5 @@
-"""Stage "amortize": the Amortize DoFn in a real Beam pipeline (FnApiRunner, real MAC "init")."""
+"""Stage "amortize": the Amortize model in a real Beam pipeline (RunInference on FnApiRunner,
+real MAC "init")."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pytest
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 
 from knowstream.models.inference import amortizer_version, load_amortizer, torch_dtype
 from knowstream.models.mac import MACConfig
+from knowstream.pipelines.faults import Isolated
 from knowstream.pipelines.stages.amortize import Amortize
 from knowstream.schemas.event import DocumentEvent
 from knowstream.schemas.modulation import MODULATION_SCHEMA, Modulation
@@ -46,8 +49,7 @@ def run_amortize(out: Path) -> list[dict]:
         rows = (
             p
             | beam.Create(SOURCED)
-            | beam.BatchElements(min_batch_size=2, max_batch_size=2)  # two batches
-            | beam.ParDo(Amortize("init", torch_threads=1))
+            | RunInference(Amortize("init", torch_threads=1, batch_size=2))  # two batches
         )
         assert_that(rows, collect)
     return pickle.loads(out.read_bytes())
@@ -171,3 +173,19 @@ def test_dtype_and_settings_fields():
     assert (Settings().amortize_device, Settings().amortize_dtype) == ("cpu", "float32")
     with pytest.raises(ValueError):
         Settings(amortize_dtype="float64")
+
+
+def test_a_failing_doc_is_reported_alone_and_its_batch_neighbours_amortized(tmp_path):
+    def amortized(actual: list[dict]) -> None:
+        (tmp_path / "ok.pkl").write_bytes(pickle.dumps(sorted(r["doc_id"] for r in actual)))
+
+    stage = Amortize("init", torch_threads=1, batch_size=3, fail={"Oxygen_0"})
+    with BeamTestPipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        ok, failures = p | beam.Create(SOURCED) | Isolated(stage)  # one batch of three
+        assert_that(ok, amortized)
+        assert_that(
+            failures | beam.Map(lambda f: (f[0], f[1]["stage"], f[1]["error"])),
+            equal_to([("Oxygen_0", "amortize", "InjectedFault")]),
+            label="failures",
+        )
+    assert pickle.loads((tmp_path / "ok.pkl").read_bytes()) == ["Black_Death_0", "Super_Bowl_50_0"]

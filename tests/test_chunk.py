@@ -222,3 +222,46 @@ def test_chunk_dofn_in_pipeline(tokenizer):
             | beam.Map(summary)
         )
         assert_that(out, equal_to(want))
+
+
+def test_chunk_failure_is_the_documents_alone():
+    """Run as the pipeline runs it (``with_exception_handling``): the failing document comes
+    out on the failure output with its stage named, the other document is chunked."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from knowstream.pipelines.faults import failure
+    from knowstream.pipelines.stages.chunk import Chunk
+    from knowstream.schemas.event import DocumentEvent
+
+    at = {"topic": "docs", "partition": 0}
+    sourced = [
+        {"event": DocumentEvent(doc_id=d, op="upsert", text="The Broncos won."), **at, "offset": i}
+        for i, d in enumerate(["bad", "good"])
+    ]
+    with BeamTestPipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        chunked, bad = (
+            p
+            | beam.Create(sourced)
+            | beam.ParDo(Chunk(32, 8, "model-a", fail={"bad"})).with_exception_handling()
+        )
+        assert_that(chunked | beam.Map(lambda d: d["doc"]["doc_id"]), equal_to(["good"]))
+        failures = bad | beam.Map(lambda b: failure("chunk", b[0]["event"].doc_id, b[1]))
+        assert_that(
+            failures,
+            equal_to(
+                [
+                    (
+                        "bad",
+                        {
+                            "stage": "chunk",
+                            "error": "InjectedFault",
+                            "message": "failpoint: chunk fails for bad",
+                        },
+                    )
+                ]
+            ),
+            label="failures",
+        )

@@ -1,4 +1,5 @@
-"""Stage "embed": the Embed DoFn in a real Beam pipeline (FnApiRunner, real MiniLM encoder)."""
+"""Stage "embed": the Embed model in a real Beam pipeline (RunInference on FnApiRunner, real
+MiniLM encoder)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 
 from knowstream.models.encoder import TextEncoder
+from knowstream.pipelines.faults import Isolated
 from knowstream.pipelines.stages.embed import Embed
 from knowstream.schemas.chunk import CHUNK_SCHEMA, chunk_id
 
@@ -44,12 +47,7 @@ def run_embed(out: Path) -> list[dict]:
 
     options = PipelineOptions(["--runner=FnApiRunner"])
     with BeamTestPipeline(options=options) as p:
-        embedded = (
-            p
-            | beam.Create(CHUNKS)
-            | beam.BatchElements(min_batch_size=2, max_batch_size=2)  # two batches
-            | beam.ParDo(Embed(torch_threads=1))
-        )
+        embedded = p | beam.Create(CHUNKS) | RunInference(Embed(1, batch_size=2))  # two batches
         assert_that(embedded, collect)
     return pickle.loads(out.read_bytes())
 
@@ -81,3 +79,28 @@ def test_deterministic_across_runs(runs):
     first, second = runs
     as_bytes = [np.array(c["embedding"], dtype=np.float32).tobytes() for c in first]
     assert as_bytes == [np.array(c["embedding"], dtype=np.float32).tobytes() for c in second]
+
+
+def test_a_failing_chunk_fails_its_doc_alone_and_its_batch_goes_on(tmp_path):
+    # doc1's chunk raises inside the batched forward pass; the batch is rerun one chunk at a
+    # time, so only doc1 fails and the chunks batched with it are embedded.
+    def embedded(actual: list[dict]) -> None:
+        (tmp_path / "ok.pkl").write_bytes(pickle.dumps(sorted(c["doc_id"] for c in actual)))
+
+    p = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    ok, failures = p | beam.Create(CHUNKS) | Isolated(Embed(1, batch_size=3, fail={"doc1"}))
+    assert_that(ok, embedded)
+    assert_that(
+        failures | beam.Map(lambda f: (f[0], f[1]["stage"], f[1]["error"], f[1]["message"])),
+        equal_to([("doc1", "embed", "InjectedFault", "failpoint: embed fails for doc1")]),
+        label="failures",
+    )
+    result = p.run()
+    result.wait_until_finish()
+    counters: dict[str, int] = {}  # summed over the batched and the one-at-a-time step
+    for c in result.metrics().query()["counters"]:
+        if c.key.metric.namespace == "embed":
+            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + c.committed
+    assert pickle.loads((tmp_path / "ok.pkl").read_bytes()) == ["doc0", "doc2"]
+    # The batch of three failed whole, then doc1 alone; two chunks were embedded on the rerun.
+    assert counters["failed_batches_counter"] == 2 and counters["chunks"] == 2

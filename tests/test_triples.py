@@ -185,14 +185,17 @@ def test_deterministic_and_cached(nlp: Language):
 
 
 def test_triples_dofn_in_pipeline(nlp: Language):
-    """The Triples DoFn in a real Beam pipeline: facts land in the chunk of their sentence."""
+    """The Triples model in a real Beam pipeline (RunInference): facts land in the chunk of
+    their sentence; a document that raises fails alone, its batch neighbours go on."""
     from datetime import UTC, datetime
 
     import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
+    from knowstream.pipelines.faults import Isolated
     from knowstream.pipelines.stages.triples import Triples
     from knowstream.schemas.triple import TRIPLE_SCHEMA
 
@@ -227,5 +230,13 @@ def test_triples_dofn_in_pipeline(nlp: Language):
 
     options = PipelineOptions(["--runner=FnApiRunner"])
     with BeamTestPipeline(options=options) as p:
-        rows = p | beam.Create([batch]) | beam.ParDo(Triples())
+        rows = p | beam.Create(batch) | RunInference(Triples())
         assert_that(rows, equal_to(want))
+        faulty = Triples(batch_size=3, fail={"empty"})  # fails the batch of all three
+        kept, failures = p | "again" >> beam.Create(batch) | Isolated(faulty)
+        assert_that(kept, equal_to(want), label="kept")
+        assert_that(
+            failures | beam.Map(lambda f: (f[0], f[1]["stage"])),
+            equal_to([("empty", "triples")]),
+            label="failures",
+        )

@@ -1,6 +1,6 @@
 """Stage "amortize": a document -> its memory entry, by one forward pass (MAC).
 
-    in:  batches of {"event": DocumentEvent, "topic", "partition", "offset"} (upserts)
+    in:  {"event": DocumentEvent, "topic", "partition", "offset"} (upserts)
     out: MODULATION rows: (T, d_lm) float16 per document, with the amortizer version
 
 The amortizer is the MAC amortization network of ``knowstream.models.mac``:
@@ -17,12 +17,12 @@ precision the LM's prefix needs. ``device`` and ``dtype`` (settings
 ``amortize_device``, ``amortize_dtype``) place the compute; ``window_batch``
 (``amortize_window_batch``) is the number of length-sorted windows per encoder
 forward. The per-batch work is ``amortize_compute.amortize_batch``, which has no
-Beam in it.
+Beam in it. ``Amortize`` is a model for Beam's ``RunInference`` (``Isolated`` in
+``pipelines/faults.py``): the encoder and the networks load once per worker process.
 """
 
 from __future__ import annotations
 
-import apache_beam as beam
 import torch
 from apache_beam.metrics import Metrics
 
@@ -32,6 +32,7 @@ from knowstream.models.inference import (
     load_amortizer,
     torch_dtype,
 )
+from knowstream.pipelines.faults import StageModel, failpoint
 from knowstream.pipelines.stages.amortize_compute import (
     WINDOW_BATCH,
     amortize_batch,
@@ -40,7 +41,9 @@ from knowstream.pipelines.stages.amortize_compute import (
 from knowstream.settings import Settings
 
 
-class Amortize(beam.DoFn):
+class Amortize(StageModel):
+    stage = "amortize"
+
     def __init__(
         self,
         spec: str,
@@ -48,10 +51,13 @@ class Amortize(beam.DoFn):
         device: str = "cpu",
         dtype: str = "float32",
         window_batch: int = WINDOW_BATCH,
+        batch_size: int = 16,
+        fail=(),
     ) -> None:
         torch_dtype(dtype)  # a wrong name fails when the pipeline is built, not in a worker
         if is_registry_spec(spec):
             raise ValueError(f"resolve the registry spec {spec!r} before building the pipeline")
+        super().__init__(batch_size, fail=fail)
         self.spec, self.torch_threads = spec, torch_threads
         self.device, self.dtype, self.window_batch = device, dtype, window_batch
         self.amortized = Metrics.counter("amortize", "docs")
@@ -59,23 +65,41 @@ class Amortize(beam.DoFn):
     @classmethod
     def from_settings(cls, settings: Settings) -> Amortize:
         """The stage as ``settings`` configure it (amortizer spec, threads, device, dtype,
-        window batch): what the pipeline and the benchmarks build."""
+        window batch, batch size, failpoints): what the pipeline and the benchmarks build."""
         return cls(
             settings.amortizer,
             settings.torch_threads,
             settings.amortize_device,
             settings.amortize_dtype,
             settings.amortize_window_batch,
+            settings.amortize_batch,
+            settings.failpoints.get("amortize", ()),
         )
 
-    def setup(self) -> None:
-        torch.set_num_threads(self.torch_threads)
-        self.encoder = load_stage_encoder(self.device, self.dtype)
-        self.mac = load_amortizer(self.spec, self.device, self.dtype)
-        self.version = amortizer_version(self.spec)  # a hash over the weights: compute once
+    @staticmethod
+    def doc_id(sourced: dict) -> str:
+        return sourced["event"].doc_id
 
-    def process(self, batch: list[dict]):
-        events = [s["event"] for s in batch]
-        rows = amortize_batch(self.mac, self.encoder, events, self.version, self.window_batch)
-        self.amortized.inc(len(events))
-        yield from rows
+    def load_model(self) -> LoadedAmortizer:
+        torch.set_num_threads(self.torch_threads)
+        return LoadedAmortizer(self.spec, self.device, self.dtype, self.window_batch)
+
+    def run_inference(self, batch: list[dict], model, inference_args=None) -> list[dict]:
+        failpoint(self.stage, map(self.doc_id, batch), self.fail)
+        rows = model.rows([s["event"] for s in batch])
+        self.amortized.inc(len(batch))
+        return rows
+
+
+class LoadedAmortizer:
+    """The encoder and MAC networks of a spec, as RunInference holds its model: one object
+    (Beam's model cache keeps a weak reference, which a tuple cannot take)."""
+
+    def __init__(self, spec: str, device: str, dtype: str, window_batch: int) -> None:
+        self.encoder = load_stage_encoder(device, dtype)
+        self.mac = load_amortizer(spec, device, dtype)
+        self.version = amortizer_version(spec)  # a hash over the weights: compute once
+        self.window_batch = window_batch
+
+    def rows(self, events: list) -> list[dict]:
+        return amortize_batch(self.mac, self.encoder, events, self.version, self.window_batch)

@@ -6,6 +6,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from knowstream.models.chunking import chunk_spans
+from knowstream.pipelines.faults import failpoint
 from knowstream.pipelines.stages.stage import doc_row
 from knowstream.schemas.chunk import chunk_id
 
@@ -16,10 +17,14 @@ class Chunk(beam.DoFn):
     in:  {"event": DocumentEvent, "topic", "partition", "offset"}
     out: {"doc": DOC row, "text": str, "published_at": datetime|None,
           "chunks": [CHUNK rows without "embedding"]}
+
+    The pipeline runs it ``with_exception_handling``: a document it raises on is
+    dead-lettered (``pipelines/faults.py``). ``fail``: doc ids of a failpoint.
     """
 
-    def __init__(self, max_tokens: int, overlap: int, model: str) -> None:
+    def __init__(self, max_tokens: int, overlap: int, model: str, fail=()) -> None:
         self.max_tokens, self.overlap, self.model = max_tokens, overlap, model
+        self.fail = frozenset(fail)
         self.chunked = Metrics.counter("chunk", "chunks")
 
     def setup(self) -> None:
@@ -29,6 +34,7 @@ class Chunk(beam.DoFn):
 
     def process(self, sourced: dict):
         event = sourced["event"]
+        failpoint("chunk", [event.doc_id], self.fail)
         spans = chunk_spans(event.text, self.tokenizer, self.max_tokens, self.overlap)
         chash = event.content_hash
         chunks = [

