@@ -14,7 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from knowstream.pipelines.stages.stage import WriteStaged, doc_row
 from knowstream.schemas.chunk import chunk_id
-from knowstream.schemas.event import DocumentEvent
+from knowstream.schemas.event import DocumentEvent, dead_letter
 from knowstream.schemas.modulation import Modulation
 from knowstream.schemas.staged import OUTPUTS, StagedBatch, read_staged
 
@@ -83,24 +83,24 @@ ROWS: dict[str, list[dict]] = {
     ],
     "modulations": [Modulation.from_array(UPSERT.doc_id, CHASH, "mac-0123", entry()).to_row()],
     "dead_letters": [
-        {
-            "topic": "docs",
-            "partition": 2,
-            "offset": 9,
-            "key": b"x",
-            "value": b"\xff not JSON",
-            "reason": "not_utf8",
-            "detail": "message is not UTF-8",
-        },
-        {
-            "topic": "docs",
-            "partition": 2,
-            "offset": 10,
-            "key": None,
-            "value": None,
-            "reason": "tombstone_without_key",
-            "detail": "null value and no key",
-        },
+        dead_letter(
+            {"topic": "docs", "partition": 2, "offset": 9},
+            stage="parse",
+            error="InvalidEvent",
+            reason="not_utf8",
+            detail="message is not UTF-8",
+            key=b"x",
+            value=b"\xff not JSON",
+        ),
+        dead_letter(
+            {"topic": "docs", "partition": 2, "offset": 10},
+            stage="amortize",
+            error="RuntimeError",
+            reason="stage_error",
+            detail="out of memory",
+            doc_id=UPSERT.doc_id,
+            key=UPSERT.doc_id.encode(),
+        ),
     ],
 }
 

@@ -133,12 +133,13 @@ def produce_file(
 def send_dead_letters(settings: Settings, letters: list[dict[str, Any]]) -> None:
     """Publish records the pipeline rejected to ``settings.dlq_topic``.
 
-    Each letter has ``topic, partition, offset, key, value, reason, detail``. The
-    dead letter keeps the original key and carries, as JSON, the reason (a short
-    machine code such as ``invalid_json``), a human-readable detail, where the
-    record came from, and the original value (as text, undecodable bytes
-    replaced). ``reason`` and ``source_offset`` are also Kafka headers, so tools
-    can filter without parsing values.
+    Each letter is a ``DEAD_LETTER_SCHEMA`` row. The dead letter keeps the original
+    key and carries, as JSON, the stage that refused the record, the reason (a
+    short machine code such as ``invalid_json``), the error class, a human-readable
+    detail, the doc id if known, where the record came from, and the original value
+    (as text, undecodable bytes replaced). ``reason``, ``stage`` and
+    ``source_offset`` are also Kafka headers, so tools can filter without parsing
+    values.
     """
     if not letters:
         return
@@ -147,8 +148,11 @@ def send_dead_letters(settings: Settings, letters: list[dict[str, Any]]) -> None
         for letter in letters:
             value = letter["value"]
             body = {
+                "stage": letter["stage"],
                 "reason": letter["reason"],
+                "error": letter["error"],
                 "detail": letter["detail"],
+                "doc_id": letter["doc_id"],
                 "source": {
                     "topic": letter["topic"],
                     "partition": letter["partition"],
@@ -158,6 +162,7 @@ def send_dead_letters(settings: Settings, letters: list[dict[str, Any]]) -> None
             }
             headers = [
                 ("reason", str(letter["reason"]).encode()),
+                ("stage", str(letter["stage"]).encode()),
                 ("source_offset", str(letter["offset"]).encode()),
             ]
             producer.send(settings.dlq_topic, letter["key"], json.dumps(body).encode(), headers)
