@@ -19,12 +19,13 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from knowstream import metrics as metrics_module
 from knowstream.memory import Memory
@@ -32,15 +33,41 @@ from knowstream.serving.generate import answer, retrieve
 from knowstream.settings import Settings
 
 
+def _not_blank(question: str) -> str:
+    if not question.strip():  # would retrieve arbitrary evidence for nothing
+        raise ValueError("question is blank")
+    return question
+
+
+# Versions are registry numbers from 1; past SQLite's 64-bit INTEGER a number is no version
+# (and made the registry lookup raise OverflowError: a 500).
+Version = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
 class AskRequest(BaseModel):
-    question: str = Field(min_length=1, max_length=2000)
-    version: int | None = Field(default=None, description="Memory version; default: live.")
+    question: Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_not_blank)]
+    version: Version | None = Field(default=None, description="Memory version; default: live.")
     k: int = Field(default=5, ge=1, le=50, description="Chunks to retrieve.")
     mode: Literal["evidence", "rag", "mac", "mac+rag"] = "evidence"
 
 
 class LiveRequest(BaseModel):
-    version: int
+    version: Version
+
+
+def _short(text: object, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, lone surrogates replaced (so it encodes)."""
+    return str(text)[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 422 that says where and what, bounded: FastAPI's default echoes each error's input,
+    so a 1 MB question came back whole, and one with a lone surrogate failed to encode (500)."""
+    detail = [
+        {"loc": [_short(x, 64) for x in e["loc"]], "msg": _short(e["msg"]), "type": e["type"]}
+        for e in exc.errors()[:10]
+    ]
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 class LiveVersion:
@@ -94,6 +121,7 @@ def create_app(
         description="Answers from versioned memory snapshots of a live document stream.",
         on_startup=[live.start],
         on_shutdown=[live.stop],
+        exception_handlers={RequestValidationError: _invalid_request},
     )
     app.state.live = live
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -73,6 +75,42 @@ def test_auth_snapshots_and_metrics(served):
         and 'knowstream_http_requests_total{method="POST",route="/ask",status="401"}' in text
     )
     assert "/ask" in served.get("/openapi.json").json()["paths"]
+
+
+BIG = 2**63  # one past SQLite's INTEGER: the registry lookup raised OverflowError (a 500)
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/ask", {"question": QUESTION, "version": BIG}),
+        ("/ask", {"question": QUESTION, "version": -BIG - 1}),
+        ("/ask", {"question": QUESTION, "version": 0}),
+        ("/admin/live", {"version": BIG}),
+        ("/admin/live", {"version": -1}),
+        ("/ask", {"question": " \t\n "}),  # was 200 with arbitrary evidence
+        ("/ask", {"question": "Who won \ud800?"}),  # lone surrogate: was a 500
+        ("/ask", {"question": QUESTION, "mode": "\udfff" * 1000}),
+        ("/ask", {"question": "x" * 1_000_000}),  # its 422 echoed the whole megabyte
+        ("/ask", {"question": QUESTION, "k": BIG}),
+    ],
+)
+def test_bad_input_is_a_short_422(served, path, body):
+    # json.dumps escapes the surrogates (\ud800), as a client would send them.
+    response = served.post(
+        path, content=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert len(response.content) < 1000
+    [error] = response.json()["detail"]
+    assert error["loc"][0] == "body" and error["msg"]
+
+
+def test_largest_version_numbers_are_looked_up_not_overflowed(served):
+    biggest = {"question": QUESTION, "version": BIG - 1}
+    assert served.post("/ask", json=biggest).status_code == 404
+    assert served.post("/admin/live", json={"version": BIG - 1}).status_code == 409
+    assert served.get("/healthz").json()["live"] == 2
 
 
 @pytest.mark.parametrize("mode", ["rag", "mac", "mac+rag"])
