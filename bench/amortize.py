@@ -16,9 +16,10 @@ documents (the stage's ``amortize_batch``, 16 by default), each repeat measures:
     tensors already on the device. Timed: the encoder forward per window batch, gathering each
     document's window states, padding them, the Amortizer forward, a device sync. This is
     the compute a perfect pipeline would pay and nothing else.
-(b) stage path: ``amortize_compute.amortize_batch`` per batch, the function the Beam DoFn
-    ``Amortize.process`` calls: tokenization and windowing, length-bucketed encoder batches,
-    the Amortizer, conversion to float16, one MODULATION row (bytes + sha256) per document.
+(b) stage path: ``amortize_compute.amortize_batch`` per batch, the function the stage's
+    RunInference model (``Amortize.run_inference``) calls: tokenization and windowing,
+    length-bucketed encoder batches, the Amortizer, conversion to float16, one MODULATION
+    row (bytes + sha256) per document.
 (c) with ``--unsorted``: the stage path with ``sort_by_length=False``, the order of
     ``amortize_texts`` before length bucketing (windows encoded in input order).
 

@@ -74,6 +74,21 @@ if TYPE_CHECKING:
 # The triples stage batches with BatchElements(min_batch_size=16, max_batch_size=32); on a
 # bounded input the FnApiRunner grows batches to the maximum quickly, so isolation uses 32.
 TRIPLES_BATCH = 32
+
+
+class ModelAsDoFn:
+    """A stage's RunInference model handler, timed like a DoFn: loaded once, run per batch."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+
+    def setup(self) -> None:
+        self.model = self.handler.load_model()
+
+    def process(self, batch: list) -> list:
+        return self.handler.run_inference(batch, self.model)
+
+
 VERSIONED_PACKAGES = (
     "torch",
     "apache-beam",
@@ -245,7 +260,7 @@ def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 def run_stages_isolated(settings: Settings, records: list[KafkaRecord]) -> list[StageTiming]:
-    """Each Beam stage's DoFn, alone, over the records the flow consumed.
+    """Each Beam stage's DoFn or model handler, alone, over the records the flow consumed.
 
     Same classes, same arguments and the same batch sizes as ``pipelines/pipeline.py``; only
     Beam is left out (no runner, no bundles, no serialization between stages, no Parquet),
@@ -276,7 +291,11 @@ def run_stages_isolated(settings: Settings, records: list[KafkaRecord]) -> list[
     with Progress(*columns, console=console) as progress:
 
         def stage(
-            name: str, dofn: beam.DoFn, inputs: list[Any], unit: str, size: int | None = None
+            name: str,
+            dofn: beam.DoFn | ModelAsDoFn,
+            inputs: list[Any],
+            unit: str,
+            size: int | None = None,
         ) -> list[Any]:
             """Run ``dofn`` over ``inputs`` (one by one, or in lists of ``size``); outputs."""
             task = progress.add_task(name, total=len(inputs), unit=unit)
@@ -307,15 +326,11 @@ def run_stages_isolated(settings: Settings, records: list[KafkaRecord]) -> list[
             "chunk", Chunk(settings.chunk_tokens, settings.chunk_overlap, model), upserts, "docs"
         )
         chunks = [c for d in chunked for c in d["chunks"]]
-        stage("embed", Embed(settings.torch_threads), chunks, "chunks", settings.embed_batch)
-        stage("triples", Triples(), chunked, "docs", TRIPLES_BATCH)
-        stage(
-            "amortize",
-            Amortize.from_settings(settings),
-            upserts,
-            "docs",
-            settings.amortize_batch,
-        )
+        embed = ModelAsDoFn(Embed(settings.torch_threads))
+        stage("embed", embed, chunks, "chunks", settings.embed_batch)
+        stage("triples", ModelAsDoFn(Triples()), chunked, "docs", TRIPLES_BATCH)
+        amortize = ModelAsDoFn(Amortize.from_settings(settings))
+        stage("amortize", amortize, upserts, "docs", settings.amortize_batch)
     return timings
 
 
