@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     amortize_device: str = "cpu"  # where the amortize stage runs: "cpu", "cuda", "cuda:1"
     amortize_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # its compute
     amortize_window_batch: int = 8  # length-sorted windows per encoder forward (amortize)
+    # one amortizer per machine, shared by its Beam worker processes (a GPU, several workers)
+    amortize_shared: bool = False
     # Fault injection, off by default: stage -> doc ids that raise ``InjectedFault`` in that
     # stage (pipelines/faults.py), e.g. KNOWSTREAM_FAILPOINTS='{"embed": ["doc-7"]}'. For
     # tests and bench/chaos.py, to show a failing document is dead-lettered and its batch goes on.

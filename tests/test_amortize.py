@@ -38,7 +38,7 @@ SOURCED = [
 ]
 
 
-def run_amortize(out: Path) -> list[dict]:
+def run_amortize(out: Path, shared: bool = False) -> list[dict]:
     """Amortize SOURCED in a pipeline; its rows, collected through a file, sorted by doc."""
 
     def collect(actual: list[dict]) -> None:
@@ -49,7 +49,7 @@ def run_amortize(out: Path) -> list[dict]:
         rows = (
             p
             | beam.Create(SOURCED)
-            | RunInference(Amortize("init", torch_threads=1, batch_size=2))  # two batches
+            | RunInference(Amortize("init", 1, batch_size=2, shared=shared))  # two batches
         )
         assert_that(rows, collect)
     return pickle.loads(out.read_bytes())
@@ -173,6 +173,13 @@ def test_dtype_and_settings_fields():
     assert (Settings().amortize_device, Settings().amortize_dtype) == ("cpu", "float32")
     with pytest.raises(ValueError):
         Settings(amortize_dtype="float64")
+
+
+def test_a_model_shared_across_processes_gives_the_same_rows(runs, tmp_path):
+    # amortize_shared: the networks load in a process of their own (Beam's
+    # multi_process_shared) and the stage reaches them through a proxy.
+    shared = run_amortize(tmp_path / "shared.pkl", shared=True)
+    assert [r["checksum"] for r in shared] == [r["checksum"] for r in runs[0]]
 
 
 def test_a_failing_doc_is_reported_alone_and_its_batch_neighbours_amortized(tmp_path):

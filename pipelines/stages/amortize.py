@@ -53,6 +53,7 @@ class Amortize(StageModel):
         window_batch: int = WINDOW_BATCH,
         batch_size: int = 16,
         fail=(),
+        shared: bool = False,
     ) -> None:
         torch_dtype(dtype)  # a wrong name fails when the pipeline is built, not in a worker
         if is_registry_spec(spec):
@@ -60,6 +61,7 @@ class Amortize(StageModel):
         super().__init__(batch_size, fail=fail)
         self.spec, self.torch_threads = spec, torch_threads
         self.device, self.dtype, self.window_batch = device, dtype, window_batch
+        self.shared = shared
         self.amortized = Metrics.counter("amortize", "docs")
 
     @classmethod
@@ -74,11 +76,17 @@ class Amortize(StageModel):
             settings.amortize_window_batch,
             settings.amortize_batch,
             settings.failpoints.get("amortize", ()),
+            settings.amortize_shared,
         )
 
     @staticmethod
     def doc_id(sourced: dict) -> str:
         return sourced["event"].doc_id
+
+    def share_model_across_processes(self) -> bool:
+        # One copy per machine, served to the SDK worker processes from a process of its own
+        # (Beam's multi_process_shared): one GPU's memory holds one amortizer, not one per worker.
+        return self.shared
 
     def load_model(self) -> LoadedAmortizer:
         torch.set_num_threads(self.torch_threads)
@@ -93,7 +101,8 @@ class Amortize(StageModel):
 
 class LoadedAmortizer:
     """The encoder and MAC networks of a spec, as RunInference holds its model: one object
-    (Beam's model cache keeps a weak reference, which a tuple cannot take)."""
+    (Beam's model cache keeps a weak reference, which a tuple cannot take) whose one method
+    is the work (a shared model is reached through a proxy: events in, rows out)."""
 
     def __init__(self, spec: str, device: str, dtype: str, window_batch: int) -> None:
         self.encoder = load_stage_encoder(device, dtype)
