@@ -81,8 +81,8 @@ class Settings(BaseSettings):
     # one amortizer per machine, shared by its Beam worker processes (a GPU, several workers)
     amortize_shared: bool = False
     # Fault injection, off by default: stage -> doc ids that raise ``InjectedFault`` in that
-    # stage (pipelines/faults.py), e.g. KNOWSTREAM_FAILPOINTS='{"embed": ["doc-7"]}'. For
-    # tests and bench/chaos.py, to show a failing document is dead-lettered and its batch goes on.
+    # stage (pipelines/faults.py), e.g. KNOWSTREAM_FAILPOINTS='{"embed": ["doc-7"]}'. For tests
+    # and drills: a failing document is dead-lettered and the rest of its batch publishes.
     failpoints: dict[Literal["chunk", "embed", "triples", "amortize"], list[str]] = Field(
         default_factory=dict
     )
