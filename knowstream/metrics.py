@@ -89,6 +89,7 @@ class Metrics:
         live_age = Gauge(
             "knowstream_live_age_seconds", "Seconds since the live version was created", registry=r
         )
+        self._live_created_at = 0.0
         live_age.set_function(self._live_age)
         # --- serving --------------------------------------------------------------
         self.requests = Counter(
@@ -113,8 +114,7 @@ class Metrics:
         )
 
     def _live_age(self) -> float:
-        created = self.live_created._value.get()
-        return time.time() - created if created else math.nan
+        return time.time() - self._live_created_at if self._live_created_at else math.nan
 
     def observe_batch(self, topic: str, report) -> None:
         """Count one ``flows.batch.BatchReport``; its ``lag`` is the partitions' backlog."""
@@ -139,7 +139,8 @@ class Metrics:
         self.published_versions.set(sum(v.state == "published" for v in versions))
         self.live_version.set(live or 0)
         created = next((v.created_at for v in versions if v.version == live), "")
-        self.live_created.set(datetime.fromisoformat(created).timestamp() if created else 0)
+        self._live_created_at = datetime.fromisoformat(created).timestamp() if created else 0.0
+        self.live_created.set(self._live_created_at)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """``/metrics`` on ``host:port`` from a daemon thread (the ingest worker's)."""
