@@ -117,8 +117,13 @@ def _first_failure(keyed: tuple[str, Iterable[dict]]) -> tuple[str, dict]:
     return doc_id, min(failures, key=lambda f: (STAGES.index(f["stage"]), f["message"]))
 
 
-def _letter(keyed: tuple[str, dict], sources: dict[str, dict]) -> dict:
+def _at(row: dict) -> tuple[str, int, int]:
+    return row["topic"], row["partition"], row["offset"]
+
+
+def _letter(keyed: tuple[str, dict], sources: dict[str, dict], messages: dict) -> dict:
     doc_id, f = keyed
+    key, value = messages[_at(sources[doc_id])]
     return dead_letter(
         sources[doc_id],
         stage=f["stage"],
@@ -126,24 +131,39 @@ def _letter(keyed: tuple[str, dict], sources: dict[str, dict]) -> dict:
         reason="stage_error",
         detail=f["message"],
         doc_id=doc_id,
-        key=doc_id.encode(),
+        key=key,
+        value=value,
     )
 
 
-def drop_failed(failures, sources, outputs: dict[str, Any]) -> dict[str, Any]:
+def drop_failed(failures, sources, raw, outputs: dict[str, Any]) -> dict[str, Any]:
     """One dead letter per failed document, and ``outputs`` without its rows.
 
     ``failures``: (doc_id, failure) from every stage; ``sources``: (doc_id, {"topic",
-    "partition", "offset"}) of the event the batch processed for each document; ``outputs``:
-    name -> rows with a "doc_id". Returns the same names with the kept rows, plus
-    "dead_letters".
+    "partition", "offset"}) of the event the batch processed for each document; ``raw``: the
+    batch's records; ``outputs``: name -> rows with a "doc_id". Returns the same names with
+    the kept rows, plus "dead_letters".
     """
     failed = (
         failures
         | "failures by doc" >> beam.GroupByKey()
         | "first failure" >> beam.Map(_first_failure)
     )  # (doc_id, failure), one per document
-    letters = failed | "stage dead letters" >> beam.Map(_letter, beam.pvalue.AsDict(sources))
+    sources_by_doc = beam.pvalue.AsDict(sources)
+    # The failed messages as received, so a dead letter can be replayed on its own: a scan of
+    # the batch against the few failed coordinates (a side input), no shuffle of the batch.
+    failed_at = failed | "failed sources" >> beam.Map(
+        lambda kv, src: (_at(src[kv[0]]), 1), sources_by_doc
+    )
+    messages = (
+        raw
+        | "failed messages"
+        >> beam.Filter(lambda r, at: _at(r) in at, beam.pvalue.AsDict(failed_at))
+        | "by source" >> beam.Map(lambda r: (_at(r), (r["key"], r["value"])))
+    )
+    letters = failed | "stage dead letters" >> beam.Map(
+        _letter, sources_by_doc, beam.pvalue.AsDict(messages)
+    )
     failed_ids = beam.pvalue.AsDict(failed)
     kept = {
         name: rows

@@ -117,6 +117,7 @@ def build(
     staged = drop_failed(
         failures,
         sources,
+        raw,
         {"docs": docs, "chunks": chunks, "triples": triples, "modulations": modulations},
     )
     dead_letters = (

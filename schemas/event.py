@@ -278,7 +278,7 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("partition", pa.int32()),
         ("offset", pa.int64()),
         ("key", pa.binary()),
-        ("value", pa.binary()),  # the message as received (parse); None from later stages
+        ("value", pa.binary()),  # the message as received
         ("doc_id", pa.string()),  # None when parse could not read one
         ("stage", pa.string()),  # "parse", "chunk", "embed", "triples" or "amortize"
         ("error", pa.string()),  # exception class, e.g. "InvalidEvent", "RuntimeError"

@@ -62,10 +62,13 @@ def test_a_document_failing_in_a_stage_is_dead_lettered_and_its_batch_publishes(
         "reason": "stage_error",
     }
     assert letter["detail"] == f"failpoint: {stage} fails for {faulty}"
+    # The message as it was received: replayable from the dead letter alone.
+    assert letter["key"] == faulty.encode() and json.loads(letter["value"]) == events[1]
     assert reports[0].counters[f"{stage}.failed"] == 1
     [body] = dlq_bodies(settings)
     assert (body["stage"], body["error"], body["doc_id"]) == (stage, "InjectedFault", faulty)
     assert body["source"] == {"topic": settings.topic, "partition": 0, "offset": 1}
+    assert json.loads(body["value"]) == events[1]
 
     memory = Memory(settings)
     assert_published_whole(memory, 1, [events[0], events[2]])
