@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-# Counters shown as their own rows (the rest are in the batch log line).
+# Counters shown as their own rows, with each "<stage>.failed" (the rest are in the log line).
 STAGES = {
     "parse.accepted": "parse: valid events",
     "parse.rejected": "parse: dead letters",
@@ -72,7 +72,10 @@ class BatchProgress:
         total = done + sum(report.lag.values()) if report.lag else None
         self.bar.update(self.records, completed=done, total=total, rate=self._rate(self.records))
         self.bar.advance(self.batches)
-        for name, label in STAGES.items():
+        failed = {
+            n: f"{n.split('.')[0]}: failed docs" for n in report.counters if n.endswith(".failed")
+        }
+        for name, label in {**STAGES, **failed}.items():
             if name in report.counters:
                 if name not in self.stages:
                     self.stages[name] = self.bar.add_task(label, total=None, rate="")
