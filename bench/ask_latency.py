@@ -175,28 +175,20 @@ def run_questions(
 def stored_bytes(settings: Settings) -> dict[str, Any]:
     """Bytes the live memory stores per document: doc point payloads as JSON, their
     ``modulation`` part, and the Qdrant local-mode folder on disk."""
-    from qdrant_client import models as qm
-
+    from knowstream.connectors.qdrant import Filter
     from knowstream.memory import Memory
 
     memory = Memory(settings)
-    flt = qm.Filter(must=[qm.FieldCondition(key="kind", match=qm.MatchValue(value="doc"))])
-    payload, modulation, data, n, offset = 0, 0, 0, 0, None
-    while True:
-        points, offset = memory.client.scroll(
-            memory.collection, scroll_filter=flt, limit=256, offset=offset, with_payload=True
-        )
-        for p in points:
-            payload += len(json.dumps(p.payload, ensure_ascii=False).encode())
-            modulation += len(json.dumps({"modulation": p.payload["modulation"]}).encode())
-            data += len(p.payload["modulation"]["data"])
-            n += 1
-        if offset is None:
-            break
+    payload, modulation, data, n = 0, 0, 0, 0
+    for p in memory.store.scroll(Filter({"kind": ["doc"]})):
+        payload += len(json.dumps(p.payload, ensure_ascii=False).encode())
+        modulation += len(json.dumps({"modulation": p.payload["modulation"]}).encode())
+        data += len(p.payload["modulation"]["data"])
+        n += 1
     disk = sum(f.stat().st_size for f in settings.qdrant_location.rglob("*") if f.is_file())
     return {
         "doc_points": n,
-        "points": memory.client.count(memory.collection, exact=True).count,
+        "points": memory.store.count(),
         "doc_payload_json_per_doc": payload / n,
         "modulation_json_per_doc": modulation / n,
         "modulation_base64_data_per_doc": data / n,

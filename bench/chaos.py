@@ -322,7 +322,6 @@ def snapshot(settings: Settings) -> dict:
     Opens Qdrant local mode: call only while no worker runs on ``settings.home``.
     """
     from knowstream.connectors.qdrant import close_clients, visible
-    from knowstream.connectors.qdrant._client import scroll_all
     from knowstream.memory import Memory
 
     memory = Memory(settings)
@@ -338,7 +337,7 @@ def snapshot(settings: Settings) -> dict:
         docs: dict[str, dict] = {}
         chunks: dict[str, list] = {}
         tombstones: dict[str, str] = {}
-        for p in scroll_all(memory.client, memory.collection, visible(view.lineage)):
+        for p in memory.store.scroll(visible(view.lineage)):
             pl = p.payload
             if pl["kind"] == "doc":
                 docs[pl["doc_id"]] = {

@@ -94,22 +94,23 @@ PUBLISH_PARTS = [
     "mark published",
     "set live",
 ]
-# Inside those parts, the Qdrant client calls: filtered scrolls are scans in local mode, upserts
-# and set_payload persist each point (one SQLite transaction per point in local mode).
+# Inside those parts, the store calls (either backend): filtered scroll pages are scans in
+# qdrant-client's local mode and index lookups in qdrant-edge; in local mode upserts and
+# set_payload persist each point (one SQLite transaction per point).
 QDRANT_CALLS = ["qdrant scroll", "qdrant upsert", "qdrant set_payload"]
 
 
 def publish_parts() -> list[tuple[object, str, str]]:
-    from qdrant_client import QdrantClient
-
     import knowstream.memory as memory_mod
     from knowstream.connectors.mlflow import Registry
+    from knowstream.connectors.qdrant._edge import EdgeStore
+    from knowstream.connectors.qdrant._server import ClientStore
     from knowstream.memory import Memory
 
     return [
-        (QdrantClient, "scroll", "qdrant scroll"),
-        (QdrantClient, "upsert", "qdrant upsert"),
-        (QdrantClient, "set_payload", "qdrant set_payload"),
+        *((store, "_page", "qdrant scroll") for store in (EdgeStore, ClientStore)),
+        *((store, "upsert", "qdrant upsert") for store in (EdgeStore, ClientStore)),
+        *((store, "set_payload", "qdrant set_payload") for store in (EdgeStore, ClientStore)),
         (Registry, "reserve", "reserve version"),
         (memory_mod, "write_version", "write points"),
         (Memory, "_verify", "verify"),
@@ -351,7 +352,7 @@ def measure(
                 }
             )
             progress.advance(task)
-    points = memory.client.count(memory.collection, exact=True).count
+    points = memory.store.count()
 
     def med(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.median(get(r) for r in runs)

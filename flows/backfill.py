@@ -98,9 +98,5 @@ def promote_flow(version: int, settings: Settings | None = None) -> int:
 @flow(name="rollback")
 def rollback_flow(version: int, settings: Settings | None = None) -> int:
     """Point live back at an earlier published version. The versions after it stay readable."""
-    memory = Memory(settings or Settings())
-    live = memory.registry.live()
-    if live is not None and version >= live:
-        raise ValueError(f"rollback goes back: version {version} is not older than live {live}")
-    memory.set_live(version)
+    Memory(settings or Settings()).rollback(version)
     return version

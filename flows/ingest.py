@@ -23,14 +23,22 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
-from tenacity import RetryCallState, Retrying, stop_after_attempt, stop_never, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_exponential,
+)
 
 from knowstream.connectors.kafka import BatchConsumer, ensure_topics, send_dead_letters
+from knowstream.connectors.qdrant import StoreHeld
 from knowstream.flows.batch import BatchReport, process_batch
 from knowstream.flows.observe import after_batch
 from knowstream.memory import Memory, StaleParent
@@ -77,7 +85,9 @@ def ingest_flow(
     max_batches: int | None = None,
     idle_sleep_s: float = 1.0,
     on_batch: Callable[[BatchReport], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[BatchReport]:
+    """``stop``: set it to end the loop after the current batch (``serve --ingest``)."""
     settings = settings or Settings()
     log = get_run_logger()
     reports: list[BatchReport] = []
@@ -97,6 +107,7 @@ def ingest_flow(
                 dirty = False
             if memory is None:
                 memory = Memory(settings)
+                memory.open_store()  # before joining the group: a held store fails first
                 if purged := memory.recover():
                     log.warning("purged versions left pending by dead writers: %s", purged)
             if consumer is None:
@@ -154,14 +165,17 @@ def ingest_flow(
         )
 
     retry = Retrying(
+        # A store held by another process stays held: fail with its one line at once.
+        retry=retry_if_not_exception_type(StoreHeld),
         stop=stop_never if not once else stop_after_attempt(settings.retry_attempts),
         wait=wait_exponential(multiplier=settings.retry_base_s, max=settings.retry_max_s),
         before_sleep=retrying,
         reraise=True,
     )
+    stop = stop or threading.Event()
     write_health(settings, state="running", batches=0)
     try:
-        while max_batches is None or len(reports) < max_batches:
+        while (max_batches is None or len(reports) < max_batches) and not stop.is_set():
             report = retry(one_batch)
             if degraded:
                 degraded = False
@@ -169,7 +183,7 @@ def ingest_flow(
             if report is None:
                 if once:
                     break
-                time.sleep(idle_sleep_s)
+                stop.wait(idle_sleep_s)
                 continue
             reports.append(report)
             after_batch(settings, memory, report)

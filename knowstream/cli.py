@@ -7,9 +7,11 @@ every command builds one :class:`Settings` from them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,6 +64,38 @@ def _settings(ctx: typer.Context) -> Settings:
     return ctx.obj
 
 
+def _server(settings: Settings) -> str | None:
+    """The URL of a `serve` running on this home: commands then go through its API."""
+    from knowstream.serving.client import running_server
+
+    return running_server(settings)
+
+
+def _api(settings: Settings, url: str, method: str, path: str, body: dict | None = None):
+    from knowstream.serving.client import ApiError, call
+
+    try:
+        return call(settings, url, method, path, body)
+    except ApiError as e:
+        _fail(str(e))
+
+
+def _fail(line: str) -> NoReturn:
+    typer.echo(line, err=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _store() -> Iterator[None]:
+    """A held embedded store is one line, not a traceback."""
+    from knowstream.connectors.qdrant import StoreHeld
+
+    try:
+        yield
+    except StoreHeld as e:
+        _fail(str(e))
+
+
 # --- services ------------------------------------------------------------------------
 @app.command()
 def up(
@@ -100,17 +134,21 @@ def status(ctx: typer.Context) -> None:
     """Live version, consumer lag (read to the end), dead letters, broker state, log file."""
     from knowstream import logs
     from knowstream.connectors.kafka import consumer_lag, dead_letter_summary
+    from knowstream.connectors.mlflow import Registry
     from knowstream.flows.ingest import read_health
     from knowstream.infra import services
-    from knowstream.memory import Memory
 
     s = _settings(ctx)
     broker = services.broker_status(s)
     table = Table(title="knowstream status", show_header=False)
     table.add_row("broker", json.dumps(broker))
-    memory = Memory(s)
-    table.add_row("live version", str(memory.registry.live()))
-    health = read_health(s)
+    if url := _server(s):
+        state = _api(s, url, "GET", "/admin/status")
+        live, health = state["live"], state["ingest"]
+        table.add_row("server", url + (" (serve --ingest)" if state["serve_ingest"] else ""))
+    else:
+        live, health = Registry(s).live(), read_health(s)
+    table.add_row("live version", str(live))
     table.add_row("ingest worker", json.dumps(health) if health else "never ran here")
     try:
         lag = consumer_lag(s, s.group_id)
@@ -156,12 +194,14 @@ def ingest(
     if metrics_port:
         metrics.default().serve(metrics_port)
 
+    from knowstream.memory import Memory
     from knowstream.progress import BatchProgress
 
-    with BatchProgress(console, "records") as bar:
-        reports = ingest_flow(
-            _settings(ctx), once=once, max_batches=max_batches, on_batch=bar.batch
-        )
+    s = _settings(ctx)
+    with _store():
+        Memory(s).open_store()  # a held store is one line, before any consumer or flow starts
+        with BatchProgress(console, "records") as bar:
+            reports = ingest_flow(s, once=once, max_batches=max_batches, on_batch=bar.batch)
     versions = [r.version for r in reports if r.version]
     console.print(
         f"{len(reports)} batches, {sum(r.messages for r in reports)} records -> "
@@ -202,38 +242,59 @@ def backfill(
     from knowstream.flows.backfill import backfill_flow
     from knowstream.progress import BatchProgress
 
-    with BatchProgress(console, "records replayed") as bar:
-        report = backfill_flow(
-            _settings(ctx),
-            start=_partition_offsets(from_offset),
-            end=_partition_offsets(to_offset),
-            start_ts_ms=_ms(from_time),
-            end_ts_ms=_ms(to_time),
-            archive=str(archive) if archive else None,
-            base=base,
-            amortizer=amortizer,
-            promote=promote,
-        )
-        bar.batch(report)
-    console.print(f"replayed {report.messages} records -> version {report.version}")
+    s = _settings(ctx)
+    options = {
+        "start": _partition_offsets(from_offset),
+        "end": _partition_offsets(to_offset),
+        "start_ts_ms": _ms(from_time),
+        "end_ts_ms": _ms(to_time),
+        "archive": str(archive.resolve()) if archive else None,
+        "base": base,
+        "amortizer": amortizer,
+        "promote": promote,
+    }
+    if url := _server(s):
+        with console.status(f"backfilling through {url}..."):
+            report = _api(s, url, "POST", "/admin/backfill", options)
+        messages, version = report["messages"], report["version"]
+    else:
+        with _store(), BatchProgress(console, "records replayed") as bar:
+            report = backfill_flow(s, **options)
+            bar.batch(report)
+        messages, version = report.messages, report.version
+    console.print(f"replayed {messages} records -> version {version}")
 
 
 @app.command()
 def promote(ctx: typer.Context, version: int) -> None:
-    """Make VERSION live."""
-    from knowstream.flows.backfill import promote_flow
-
-    promote_flow(version, _settings(ctx))
+    """Make VERSION live (moves the alias; through the server when one runs)."""
+    _move_live(_settings(ctx), version, "/admin/live")
     console.print(f"live -> version {version}")
 
 
 @app.command()
 def rollback(ctx: typer.Context, version: int) -> None:
     """Point live back at an earlier VERSION (O(1): moves the alias)."""
-    from knowstream.flows.backfill import rollback_flow
-
-    rollback_flow(version, _settings(ctx))
+    _move_live(_settings(ctx), version, "/admin/rollback")
     console.print(f"rolled back: live -> version {version}")
+
+
+def _move_live(s: Settings, version: int, path: str) -> None:
+    """Through the server when one runs (it serves the new version at once), else
+    straight to the registry: moving an alias needs no Prefect run and no store."""
+    if url := _server(s):
+        _api(s, url, "POST", path, {"version": version})
+        return
+    from knowstream.connectors.mlflow import Registry
+
+    registry = Registry(s)
+    try:
+        if path == "/admin/rollback":
+            registry.rollback(version)
+        else:
+            registry.set_live(version)
+    except (ValueError, KeyError) as e:
+        _fail(str(e).strip("'\""))
 
 
 @app.command()
@@ -270,7 +331,9 @@ def snapshots(ctx: typer.Context) -> None:
     """The snapshot history as a table."""
     from knowstream.memory import Memory
 
-    console.print(snapshot_table(Memory(_settings(ctx)).history()))
+    s = _settings(ctx)
+    url = _server(s)
+    console.print(snapshot_table(_api(s, url, "GET", "/snapshots") if url else Memory(s).history()))
 
 
 @app.command()
@@ -285,16 +348,28 @@ def ask(
 ) -> None:
     """Evidence chunks, source docs, related triples and (modes rag, mac, mac+rag) the
     LM's answer for QUESTION: the code path of the HTTP API's /ask."""
+    from knowstream.connectors.qdrant import Hit
     from knowstream.memory import Memory
+    from knowstream.query import QueryResult
     from knowstream.serving.generate import MODES, answer, retrieve
 
     if mode not in ("evidence", *MODES):
         raise typer.BadParameter(f"mode must be evidence or one of {MODES}")
     settings = _settings(ctx)
-    memory = Memory(settings)
-    result, bank = retrieve(memory, question, version=version, k=k, mode=mode)
-    print_result(result)
-    reply = answer(memory, result, bank, mode)
+    if url := _server(settings):
+        body = {"question": question, "version": version, "k": k, "mode": mode}
+        got = _api(settings, url, "POST", "/ask", body)
+        result = QueryResult(
+            question, got["version"], [Hit(**h) for h in got["evidence"]], got["docs"]
+        )
+        result.triples, reply = got["triples"], got["answer"]
+        print_result(result)
+    else:
+        with _store():
+            memory = Memory(settings)
+            result, bank = retrieve(memory, question, version=version, k=k, mode=mode)
+            print_result(result)
+            reply = answer(memory, result, bank, mode)
     if reply is not None:
         console.print(f"[bold]answer ({mode}, version {result.version}):[/bold] {reply}")
 
@@ -304,13 +379,23 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    ingest: Annotated[
+        bool, typer.Option(help="Also run the continuous ingest worker in this process.")
+    ] = False,
 ) -> None:
-    """HTTP API (OpenAPI docs at /docs) that follows the live version."""
+    """HTTP API (OpenAPI docs at /docs) that follows the live version. With --ingest,
+    the one process that holds the embedded store; other commands go through it."""
     import uvicorn
 
     from knowstream.serving.app import create_app
 
-    uvicorn.run(create_app(_settings(ctx)), host=host, port=port, log_level="info")
+    s = _settings(ctx)
+    if url := _server(s):
+        _fail(f"a server already runs for {s.home} at {url}")
+    with _store():
+        reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where clients connect
+        app_ = create_app(s, ingest=ingest, address=f"http://{reach}:{port}")
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 @app.command("eval")

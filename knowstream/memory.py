@@ -23,16 +23,17 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import cached_property
 
 from knowstream.connectors.mlflow import Registry, VersionInfo
 from knowstream.connectors.qdrant import (
+    Store,
     VersionView,
-    open_client,
+    open_store,
     purge_version,
     visible,
     write_version,
 )
-from knowstream.connectors.qdrant._client import scroll_all
 from knowstream.schemas.manifest import OffsetRange, SnapshotManifest
 from knowstream.schemas.staged import StagedBatch
 from knowstream.settings import Settings
@@ -75,8 +76,16 @@ class Memory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry(settings)
-        self.client = open_client(settings)
-        self.collection = settings.collection
+
+    @cached_property
+    def store(self) -> Store:
+        """Opened on first use: reading the registry (history, live) never takes
+        the embedded store's lock."""
+        return open_store(self.settings)
+
+    def open_store(self) -> None:
+        """Take the store now, so that a held store fails before any other work."""
+        _ = self.store
 
     # --- reading ------------------------------------------------------------------
     def resolve(self, version: int | None = None) -> int:
@@ -93,7 +102,7 @@ class Memory:
 
     def view(self, version: int | None = None) -> VersionView:
         v = self.resolve(version)
-        return VersionView(self.client, self.collection, self.registry.lineage(v))
+        return VersionView(self.store, self.registry.lineage(v))
 
     def known(self, version: int | None, doc_ids: list[str]) -> dict[str, dict]:
         """What ``version`` holds for these docs (doc or tombstone), for dedup."""
@@ -101,7 +110,7 @@ class Memory:
             return {}
         flt = visible(self.registry.lineage(version), doc_ids=doc_ids)
         out = {}
-        for p in scroll_all(self.client, self.collection, flt):
+        for p in self.store.scroll(flt):
             if p.payload["kind"] in ("doc", "tombstone"):
                 out[p.payload["doc_id"]] = {
                     "kind": p.payload["kind"],
@@ -164,7 +173,7 @@ class Memory:
                 age = (now - datetime.fromisoformat(v.created_at)).total_seconds()
                 dead = age > stale_after_s
             if dead:
-                purge_version(self.client, self.collection, v.version)
+                purge_version(self.store, v.version)
                 self.registry.abandon(v.version)
                 purged.append(v.version)
         return purged
@@ -209,9 +218,7 @@ class Memory:
         version, run_id = self.registry.reserve(parent, kind)
         try:
             parent_lineage = self.registry.lineage(parent) if parent is not None else []
-            closed = write_version(
-                self.client, self.collection, version, parent_lineage, batch, progress
-            )
+            closed = write_version(self.store, version, parent_lineage, batch, progress)
             parent_counts = (
                 json.loads(self.registry.get(parent).tags.get("counts", "{}")) if parent else {}
             )
@@ -243,7 +250,7 @@ class Memory:
         except BaseException as e:
             # Best effort now; recover() finishes the job if this fails too.
             try:
-                purge_version(self.client, self.collection, version)
+                purge_version(self.store, version)
                 self.registry.abandon(version)
             except Exception:
                 pass
@@ -256,7 +263,7 @@ class Memory:
 
     def _verify(self, version: int, parent_lineage: list[int], batch: StagedBatch) -> None:
         """Read the new version back before it may be published."""
-        view = VersionView(self.client, self.collection, [version, *parent_lineage])
+        view = VersionView(self.store, [version, *parent_lineage])
         doc_ids = sorted({d["doc_id"] for d in batch.docs})
         held = view.docs(doc_ids)
         for d in batch.docs:
@@ -270,6 +277,9 @@ class Memory:
 
     def set_live(self, version: int) -> None:
         self.registry.set_live(version)
+
+    def rollback(self, version: int) -> None:
+        self.registry.rollback(version)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,7 +6,7 @@ Entry points build it once (``Settings()``) and pass it down; nothing else reads
 the environment.
 
 Defaults are the embedded, single-machine setup: a tansu broker on loopback,
-Qdrant local mode under ``home``, MLflow on SQLite under ``home``, Beam's
+qdrant-edge (Qdrant's embedded engine) under ``home``, MLflow on SQLite under ``home``, Beam's
 in-process FnApiRunner. Production swaps these by configuration only.
 """
 
@@ -54,8 +54,11 @@ class Settings(BaseSettings):
     broker_storage: str = "memory://tansu/"  # `knowstream up`: memory:// or s3://bucket/
 
     # --- Qdrant -------------------------------------------------------------------
-    qdrant_url: str | None = None  # a server (http://host:6333); None = local mode
-    qdrant_path: Path | None = None  # local mode path; None = <home>/qdrant
+    qdrant_url: str | None = None  # a server (http://host:6333); None = embedded
+    qdrant_path: Path | None = None  # embedded store's folder; None = <home>/qdrant
+    # embedded backend: "edge" (qdrant-edge: payload indexes, one process per folder) or
+    # "local" (qdrant-client's local mode: scans; the tests' stand-in for a server)
+    qdrant_embedded: Literal["edge", "local"] = "edge"
     collection: str = "knowstream"  # one collection holds every version
 
     # --- MLflow -------------------------------------------------------------------

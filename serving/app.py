@@ -1,11 +1,20 @@
 """The HTTP API: answers from the memory version that ``live`` points at.
 
     knowstream serve                       # http://127.0.0.1:8000/docs for the OpenAPI UI
+    knowstream serve --ingest              # and the continuous ingest worker, same process
 
 - ``POST /ask``: evidence chunks, source docs and related triples, plus a
   generated answer for modes ``rag``, ``mac`` and ``mac+rag``.
 - ``GET /snapshots``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
-- ``POST /admin/live``: point ``live`` at a published version (promote or rollback).
+- ``POST /admin/live``: point ``live`` at a published version (promote);
+  ``POST /admin/rollback``: the same, only backwards; ``POST /admin/backfill``: a
+  backfill run inside the server; ``GET /admin/status``: live version and the
+  ingest worker's health. The CLI uses these while the server holds the store
+  (see ``serving/client.py``).
+
+With ``ingest=True`` (``serve --ingest``) the continuous ingest flow runs in a
+thread of the same process, over the same embedded store: the one process that
+may open it. The server writes its address to ``<home>/run/server.json``.
 
 The server follows the ``live`` alias by polling the registry every few seconds,
 so ingest, promote and rollback reach it without a restart. A request reads the
@@ -17,6 +26,7 @@ mixes two snapshots. With ``KNOWSTREAM_API_TOKEN`` set, ``/ask`` and
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 import time
 from typing import Annotated, Literal
@@ -29,8 +39,11 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from knowstream import metrics as metrics_module
 from knowstream.memory import Memory
+from knowstream.serving.client import remove_address, write_address
 from knowstream.serving.generate import answer, retrieve
 from knowstream.settings import Settings
+
+log = logging.getLogger("knowstream.serve")
 
 
 def _not_blank(question: str) -> str:
@@ -70,6 +83,44 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(status_code=422, content={"detail": detail})
 
 
+class BackfillRequest(BaseModel):
+    """The options of ``knowstream backfill`` (offsets as {partition: offset})."""
+
+    start: dict[int, int] | None = None
+    end: dict[int, int] | None = None
+    start_ts_ms: int | None = None
+    end_ts_ms: int | None = None
+    archive: str | None = None
+    base: str = "live"
+    amortizer: str | None = None
+    promote: bool = False
+
+
+class IngestWorker:
+    """The continuous ingest flow in a thread of the server process."""
+
+    def __init__(self, settings: Settings, on_batch) -> None:
+        self.settings, self.on_batch = settings, on_batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop after the current batch (a batch cut short is redelivered anyway)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        from knowstream.flows.ingest import ingest_flow
+
+        try:
+            ingest_flow(self.settings, once=False, on_batch=self.on_batch, stop=self._stop)
+        except Exception:  # its health record says why; serving goes on
+            log.exception("the ingest worker stopped")
+
+
 class LiveVersion:
     """The version ``live`` points at, refreshed in the background."""
 
@@ -98,13 +149,18 @@ class LiveVersion:
 
 
 def create_app(
-    settings: Settings, *, poll_s: float = 2.0, metrics: metrics_module.Metrics | None = None
+    settings: Settings,
+    *,
+    poll_s: float = 2.0,
+    metrics: metrics_module.Metrics | None = None,
+    ingest: bool = False,
+    address: str | None = None,
 ) -> FastAPI:
-    """``metrics``: default: the process's registry (shared with an ingest worker)."""
+    """``metrics``: default: the process's registry (shared with the ingest worker of
+    ``ingest=True``). ``address``: the URL to publish in ``<home>/run/server.json``."""
     memory = Memory(settings)
+    memory.open_store()  # a held store fails the start with its one line
     live = LiveVersion(memory, poll_s)
-    # Qdrant local mode is one embedded engine: serialize reads through it.
-    reads = threading.Lock() if not settings.qdrant_url else None
     token = settings.api_token.get_secret_value() if settings.api_token else None
 
     metrics = metrics or metrics_module.default()
@@ -116,11 +172,27 @@ def create_app(
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token")
 
+    worker = IngestWorker(settings, on_batch=lambda report: live.refresh()) if ingest else None
+
+    def started() -> None:
+        live.start()
+        if worker:
+            worker.start()
+        if address:
+            write_address(settings, address, ingest=ingest)
+
+    def stopping() -> None:
+        if address:
+            remove_address(settings)
+        if worker:
+            worker.stop()
+        live.stop()
+
     app = FastAPI(
         title="knowstream",
         description="Answers from versioned memory snapshots of a live document stream.",
-        on_startup=[live.start],
-        on_shutdown=[live.stop],
+        on_startup=[started],
+        on_shutdown=[stopping],
         exception_handlers={RequestValidationError: _invalid_request},
     )
     app.state.live = live
@@ -146,10 +218,8 @@ def create_app(
         if version is None:
             raise HTTPException(503, "no live memory version yet")
         try:
-            with reads or _nothing():
-                result, bank = retrieve(
-                    memory, req.question, version=version, k=req.k, mode=req.mode
-                )
+            # The embedded stores serialize their own calls (connectors/qdrant).
+            result, bank = retrieve(memory, req.question, version=version, k=req.k, mode=req.mode)
         except (LookupError, KeyError) as e:
             raise HTTPException(404, str(e)) from None
         try:
@@ -198,12 +268,29 @@ def create_app(
             raise HTTPException(409, str(e)) from None
         return {"live": live.refresh()}
 
+    @app.post("/admin/rollback", dependencies=[Depends(authorized)])
+    def rollback(req: LiveRequest) -> dict:
+        try:
+            memory.rollback(req.version)
+        except (ValueError, KeyError) as e:
+            raise HTTPException(409, str(e)) from None
+        return {"live": live.refresh()}
+
+    @app.get("/admin/status", dependencies=[Depends(authorized)])
+    def status() -> dict:
+        from knowstream.flows.ingest import read_health
+
+        return {"live": live.refresh(), "ingest": read_health(settings), "serve_ingest": ingest}
+
+    @app.post("/admin/backfill", dependencies=[Depends(authorized)])
+    def backfill(req: BackfillRequest) -> dict:
+        from knowstream.flows.backfill import backfill_flow
+
+        try:
+            report = backfill_flow(settings, **req.model_dump())
+        except (ValueError, LookupError) as e:
+            raise HTTPException(409, str(e)) from None
+        live.refresh()
+        return {"messages": report.messages, "version": report.version}
+
     return app
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

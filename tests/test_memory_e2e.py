@@ -20,7 +20,6 @@ from knowstream.connectors.kafka import (
     read_range,
 )
 from knowstream.connectors.qdrant import close_clients
-from knowstream.connectors.qdrant._client import scroll_all
 from knowstream.flows.backfill import backfill_flow, promote_flow, rollback_flow
 from knowstream.flows.ingest import ingest_flow, read_health
 from knowstream.memory import Memory, PublishError, StaleParent
@@ -137,10 +136,7 @@ def test_delete_removes_everything_derived(built):
     from knowstream.connectors.qdrant import visible
 
     left = [
-        p.payload["kind"]
-        for p in scroll_all(
-            memory.client, memory.collection, visible(lineage, doc_ids=["Black_Death_0"])
-        )
+        p.payload["kind"] for p in memory.store.scroll(visible(lineage, doc_ids=["Black_Death_0"]))
     ]
     assert left == ["tombstone"]  # no doc, chunk, triple or modulation left
     assert "Black_Death_0" not in memory.view(v2).docs()
@@ -237,7 +233,7 @@ def test_failed_publish_commits_no_offsets_and_publishes_nothing(broker, tmp_pat
     assert states == ["abandoned", "abandoned"]  # each attempt failed cleanly
     health = read_health(settings)
     assert health["state"] == "failed" and "PublishError" in health["last_error"]
-    assert memory.client.count(memory.collection, exact=True).count == 0  # purged
+    assert memory.store.count() == 0  # purged
     # The store comes back; the same batch is redelivered and published.
     root.unlink()
     reports = ingest_flow(settings, once=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from knowstream.connectors.kafka import committed_offsets, produce_file
-from knowstream.connectors.qdrant import close_clients
+from knowstream.connectors.qdrant import StoreHeld, close_clients
 from knowstream.flows.batch import BatchReport
 from knowstream.flows.ingest import ingest_flow, read_health
 from knowstream.infra.services import (
@@ -199,35 +199,38 @@ def test_mlflow_server_outage_at_publish(kafka_settings, tmp_path, monkeypatch):
 
 HOLDER = """
 import sys, time
-from qdrant_client import QdrantClient
-client = QdrantClient(path=sys.argv[1])
+from knowstream.connectors.qdrant import open_store
+from knowstream.settings import Settings
+open_store(Settings(home=sys.argv[1]))
 print("holding", flush=True)
 time.sleep(float(sys.argv[2]))
 """
 
 
-def test_locked_qdrant_storage_is_retried_until_released(memory_settings, tmp_path):
-    """Another process holds the Qdrant local path: the worker's open fails with a
-    clear error, is retried, and succeeds once the holder exits."""
+def test_held_store_fails_at_once_with_one_line(memory_settings, tmp_path):
+    """Another process holds the embedded store: that is not an outage, and no retry
+    can end it. The worker fails at once, naming the holder and the fixes, and
+    commits nothing; once the holder is gone the same batch goes through."""
     settings = memory_settings.model_copy(update=FAST_RETRY)
-    path = settings.qdrant_location.resolve()
-    path.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path), "120"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLDER, str(settings.home), "120"], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "holding"
         produce(settings, tmp_path, sample_events(3))
-        worker = Worker(settings, max_batches=1)
-        health = wait_for("retrying", health_is(settings, "retrying"), 120)
-        assert "already accessed by another instance" in health["last_error"]
-        assert str(path) in health["last_error"]
-        wait_for("second attempt", lambda: (read_health(settings) or {}).get("attempt", 0) >= 2, 30)
+        with pytest.raises(StoreHeld) as held:
+            ingest_flow(settings, once=True)
+        line = str(held.value)
+        assert "\n" not in line
+        assert str(settings.qdrant_location.resolve()) in line
+        assert f"held by process {holder.pid}" in line and "--qdrant-url" in line
+        health = read_health(settings)
+        assert health["state"] == "failed" and "attempt" not in health  # never retried
         assert committed_offsets(settings, settings.group_id) == {}
     finally:
         holder.terminate()
         holder.wait(10)
-    reports = worker.join(120)
+    reports = ingest_flow(settings, once=True)
     assert [(r.messages, r.version) for r in reports] == [(3, 1)]
     assert committed_offsets(settings, settings.group_id) == {0: 3}
     assert len(Memory(settings).view().docs()) == 3

@@ -1,8 +1,8 @@
 """Two ingest workers in one consumer group (issue 3: monotonic, single-writer versions).
 
-Real parts only: the session's tansu broker (a topic with 2 partitions), one Qdrant
-local path and one MLflow SQLite store shared by both workers, Prefect's local API.
-Qdrant local mode allows one process per path, so the workers are two threads of
+Real parts only: the session's tansu broker (a topic with 2 partitions), one embedded
+Qdrant store and one MLflow SQLite store shared by both workers, Prefect's local API.
+The embedded store allows one process, so the workers are two threads of
 this process, each running the real ``ingest_flow`` with its own consumer and its
 own ``Memory``: they meet only where two processes against a Qdrant server would,
 at the broker (group membership, offsets), the registry (``live``, version numbers)
@@ -25,11 +25,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from qdrant_client import models as qm
-
 from knowstream.connectors.kafka import committed_offsets, produce_file, read_range
-from knowstream.connectors.qdrant import visible
-from knowstream.connectors.qdrant._client import scroll_all
+from knowstream.connectors.qdrant import Filter, visible
 from knowstream.flows.ingest import ingest_flow
 from knowstream.memory import Memory
 
@@ -101,15 +98,9 @@ def test_two_workers_share_partitions_and_publish_one_line_of_versions(memory_se
 
     # Every document live exactly once, and written exactly once in the whole store.
     ids = Counter(e["doc_id"] for e in events)
-    live_docs = Counter(
-        p.payload["doc_id"]
-        for p in scroll_all(memory.client, memory.collection, visible(line, kind="doc"))
-    )
+    live_docs = Counter(p.payload["doc_id"] for p in memory.store.scroll(visible(line, kind="doc")))
     assert live_docs == ids
-    doc_points = qm.Filter(must=[qm.FieldCondition(key="kind", match=qm.MatchValue(value="doc"))])
-    stored = Counter(
-        p.payload["doc_id"] for p in scroll_all(memory.client, memory.collection, doc_points)
-    )
+    stored = Counter(p.payload["doc_id"] for p in memory.store.scroll(Filter({"kind": ["doc"]})))
     assert stored == ids
 
     # Offsets: everything committed, nothing beyond.

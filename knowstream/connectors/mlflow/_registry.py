@@ -173,6 +173,13 @@ class Registry:
             self.name, str(version), "live_at", ",".join(stamps[-150:])
         )
 
+    def rollback(self, version: int) -> None:
+        """Point live back at an older published version; the newer ones stay readable."""
+        live = self.live()
+        if live is not None and version >= live:
+            raise ValueError(f"rollback goes back: version {version} is not older than live {live}")
+        self.set_live(version)
+
     # --- reading ------------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
         mvs = self.client.search_model_versions(f"name='{self.name}'", max_results=100_000)

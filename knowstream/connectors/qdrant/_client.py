@@ -13,95 +13,128 @@ replaces: O(batch). Rollback moves a pointer (the MLflow alias): O(1). Side
 lines (backfills built on an older version) work because visibility follows the
 lineage, not a numeric range.
 
-Qdrant local mode allows one client per path and process, so clients are
-shared per location.
+Two backends sit behind one small :class:`Store` interface:
+
+- ``edge`` (the default without ``--qdrant-url``): qdrant-edge, Qdrant's
+  embedded engine, under ``<home>/qdrant``. It uses payload indexes, so the
+  version filters are index lookups, not scans; its write-ahead log locks the
+  folder to one process (:class:`StoreHeld` names the holder).
+- ``client``: qdrant-client, for a Qdrant server (``--qdrant-url``); its local
+  mode (``qdrant_embedded="local"``) stands in for a server in tests.
+
+Both see the same filters (:class:`Filter`: any-of matches, the only kind the
+model needs) and return the same :class:`Record` rows. One store per location
+and process, shared by its threads.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import threading
-from collections.abc import Sequence
-
-from qdrant_client import QdrantClient
-from qdrant_client import models as qm
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 from knowstream.settings import Settings
 
 VECTOR = "text"  # named vector: chunk embeddings, and the mean of them on doc points
 DIM = 384  # all-MiniLM-L6-v2
+# Every payload field that publish, verify, purge and queries filter by: indexed.
+INDEXED = {"kind": "keyword", "doc_id": "keyword", "version_from": "int", "closed_in": "int"}
+HOLDER = "holder.json"  # beside the embedded store: who holds it, for the held-store error
 
-_clients: dict[str, QdrantClient] = {}
+
+@dataclass(frozen=True)
+class Filter:
+    """Points whose field matches any of the values, for every ``must`` field and
+    no ``must_not`` field."""
+
+    must: dict[str, list] = field(default_factory=dict)
+    must_not: dict[str, list] = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    id: str
+    payload: dict
+    vector: list[float] | None = None  # the VECTOR of the point, when asked for
+    score: float = 0.0  # search results only
+
+
+class Store(Protocol):
+    where: str
+
+    def upsert(self, points: list[Record]) -> None: ...
+    def set_payload(self, ids: list[str], payload: dict) -> None: ...
+    def delete(self, flt: Filter) -> None: ...
+    def scroll(self, flt: Filter | None, *, with_vectors: bool = False) -> Iterator[Record]: ...
+    def search(self, vector: Sequence[float], flt: Filter, k: int) -> list[Record]: ...
+    def count(self, flt: Filter | None = None) -> int: ...
+    def close(self) -> None: ...
+
+
+class StoreHeld(RuntimeError):
+    """Another process holds the embedded store. Not transient: retrying cannot help."""
+
+    def __init__(self, where: Path) -> None:
+        try:
+            holder = json.loads((where / HOLDER).read_text())
+            os.kill(int(holder["pid"]), 0)
+            who = f"process {holder['pid']} ({holder['command']})"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        super().__init__(
+            f"the store at {where} is held by {who}; use --qdrant-url, or stop it, or run "
+            "the command while `knowstream serve` is up so it goes through its API"
+        )
+
+
+def claim(where: Path) -> None:
+    """Record this process as the store's holder (read by :class:`StoreHeld`)."""
+    command = " ".join(["knowstream" if i == 0 else a for i, a in enumerate(sys.argv)])
+    tmp = where / f".{HOLDER}.{os.getpid()}"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "command": command[:120]}))
+    tmp.replace(where / HOLDER)
+
+
+_stores: dict[str, Store] = {}
 _lock = threading.Lock()
 
 
-def open_client(settings: Settings) -> QdrantClient:
-    """The process-wide client for the configured Qdrant (server or local path)."""
-    where = settings.qdrant_url or str(settings.qdrant_location.resolve())
+def open_store(settings: Settings) -> Store:
+    """The process-wide store for the configured Qdrant (server, edge or local mode)."""
+    from knowstream.connectors.qdrant._edge import EdgeStore
+    from knowstream.connectors.qdrant._server import ClientStore
+
+    local = settings.qdrant_location.resolve()
+    key = settings.qdrant_url or f"{settings.qdrant_embedded}:{local}:{settings.collection}"
     with _lock:
-        if where not in _clients:
+        if key not in _stores:
             if settings.qdrant_url:
-                _clients[where] = QdrantClient(url=settings.qdrant_url)
+                _stores[key] = ClientStore(settings.collection, url=settings.qdrant_url)
+            elif settings.qdrant_embedded == "edge":
+                _stores[key] = EdgeStore(local, settings.collection)
             else:
-                settings.qdrant_location.mkdir(parents=True, exist_ok=True)
-                _clients[where] = QdrantClient(path=where)
-        client = _clients[where]
-    ensure_collection(client, settings.collection, server=bool(settings.qdrant_url))
-    return client
+                _stores[key] = ClientStore(settings.collection, path=local)
+        return _stores[key]
 
 
 def close_clients() -> None:
-    """Release local-mode locks (tests, and CLI commands that hand over to others)."""
+    """Release the embedded stores' locks (tests, and CLI commands that hand over)."""
     with _lock:
-        for client in _clients.values():
-            client.close()
-        _clients.clear()
-
-
-def ensure_collection(client: QdrantClient, name: str, *, server: bool) -> None:
-    if client.collection_exists(name):
-        return
-    client.create_collection(
-        name, vectors_config={VECTOR: qm.VectorParams(size=DIM, distance=qm.Distance.COSINE)}
-    )
-    if not server:
-        return  # local mode scans instead of using payload indexes, fine at local sizes
-    # Payload indexes make the version filter cheap on a server.
-    for field, schema in (
-        ("kind", qm.PayloadSchemaType.KEYWORD),
-        ("doc_id", qm.PayloadSchemaType.KEYWORD),
-        ("version_from", qm.PayloadSchemaType.INTEGER),
-        ("closed_in", qm.PayloadSchemaType.INTEGER),
-    ):
-        client.create_payload_index(name, field, field_schema=schema)
+        for store in _stores.values():
+            store.close()
+        _stores.clear()
 
 
 def visible(lineage: Sequence[int], *, kind: str | None = None, doc_ids: Sequence[str] = ()):
     """Filter for the points that the version whose lineage is given can see."""
-    must: list[qm.Condition] = [
-        qm.FieldCondition(key="version_from", match=qm.MatchAny(any=list(lineage)))
-    ]
+    must: dict[str, list] = {"version_from": list(lineage)}
     if kind:
-        must.append(qm.FieldCondition(key="kind", match=qm.MatchValue(value=kind)))
+        must["kind"] = [kind]
     if doc_ids:
-        must.append(qm.FieldCondition(key="doc_id", match=qm.MatchAny(any=list(doc_ids))))
-    return qm.Filter(
-        must=must,
-        must_not=[qm.FieldCondition(key="closed_in", match=qm.MatchAny(any=list(lineage)))],
-    )
-
-
-def scroll_all(client: QdrantClient, collection: str, flt: qm.Filter, *, with_vectors=False):
-    """Every point matching ``flt``, page by page."""
-    offset = None
-    while True:
-        points, offset = client.scroll(
-            collection,
-            scroll_filter=flt,
-            limit=512,
-            offset=offset,
-            with_payload=True,
-            with_vectors=with_vectors,
-        )
-        yield from points
-        if offset is None:
-            return
+        must["doc_id"] = list(doc_ids)
+    return Filter(must=must, must_not={"closed_in": list(lineage)})

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from qdrant_client import QdrantClient
 
-from knowstream.connectors.qdrant._client import VECTOR, scroll_all, visible
+from knowstream.connectors.qdrant._client import Store, visible
 from knowstream.schemas.modulation import Modulation
 
 
@@ -27,18 +26,11 @@ class Hit:
 class VersionView:
     """What one version sees. Cheap to build; holds no data."""
 
-    def __init__(self, client: QdrantClient, collection: str, lineage: Sequence[int]) -> None:
-        self.client, self.collection, self.lineage = client, collection, list(lineage)
+    def __init__(self, store: Store, lineage: Sequence[int]) -> None:
+        self.store, self.lineage = store, list(lineage)
 
     def search(self, vector: Sequence[float], k: int = 5) -> list[Hit]:
-        res = self.client.query_points(
-            self.collection,
-            query=list(vector),
-            using=VECTOR,
-            query_filter=visible(self.lineage, kind="chunk"),
-            limit=k,
-            with_payload=True,
-        )
+        points = self.store.search(vector, visible(self.lineage, kind="chunk"), k)
         return [
             Hit(
                 p.score,
@@ -47,20 +39,18 @@ class VersionView:
                 p.payload["title"],
                 p.payload["text"],
             )
-            for p in res.points
+            for p in points
         ]
 
     def docs(self, doc_ids: Sequence[str] = (), *, kind: str = "doc") -> dict[str, dict]:
         """Payloads of visible doc (or tombstone) points, by doc id; all when no ids."""
         flt = visible(self.lineage, kind=kind, doc_ids=doc_ids)
-        return {
-            p.payload["doc_id"]: p.payload for p in scroll_all(self.client, self.collection, flt)
-        }
+        return {p.payload["doc_id"]: p.payload for p in self.store.scroll(flt)}
 
     def chunks(self, doc_id: str) -> list[dict]:
         flt = visible(self.lineage, kind="chunk", doc_ids=[doc_id])
         return sorted(
-            (p.payload for p in scroll_all(self.client, self.collection, flt)),
+            (p.payload for p in self.store.scroll(flt)),
             key=lambda c: c["index"],
         )
 
@@ -95,11 +85,10 @@ class VersionView:
         """sha256 over everything this version serves, independent of point ids and
         of which version wrote each point: equal digests mean equal memories."""
         rows = []
-        for p in scroll_all(self.client, self.collection, visible(self.lineage), with_vectors=True):
+        for p in self.store.scroll(visible(self.lineage), with_vectors=True):
             payload = {k: v for k, v in p.payload.items() if k not in ("version_from", "closed_in")}
-            vec = p.vector.get(VECTOR) if isinstance(p.vector, dict) else None
-            if vec is not None:
-                payload["_vector"] = [round(x, 5) for x in vec]
+            if p.vector:
+                payload["_vector"] = [round(x, 5) for x in p.vector]
             rows.append(json.dumps(payload, sort_keys=True, ensure_ascii=False))
         h = hashlib.sha256()
         for row in sorted(rows):
@@ -109,7 +98,5 @@ class VersionView:
     def counts(self) -> dict[str, int]:
         out = {}
         for kind in ("doc", "chunk"):
-            out[kind + "s"] = self.client.count(
-                self.collection, count_filter=visible(self.lineage, kind=kind), exact=True
-            ).count
+            out[kind + "s"] = self.store.count(visible(self.lineage, kind=kind))
         return out

@@ -13,10 +13,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from qdrant_client import QdrantClient
-from qdrant_client import models as qm
 
-from knowstream.connectors.qdrant._client import VECTOR, scroll_all, visible
+from knowstream.connectors.qdrant._client import Filter, Record, Store, visible
 from knowstream.schemas.chunk import ID_NAMESPACE
 from knowstream.schemas.staged import StagedBatch
 
@@ -39,7 +37,7 @@ def _doc_vector(embeddings: list[list[float]]) -> list[float]:
     return (mean / max(float(np.linalg.norm(mean)), 1e-12)).tolist()
 
 
-def build_points(batch: StagedBatch, version: int) -> list[qm.PointStruct]:
+def build_points(batch: StagedBatch, version: int) -> list[Record]:
     """The batch's new points: chunks, one doc point per upsert, one tombstone per delete."""
     chunks_by_doc: dict[str, list[dict]] = defaultdict(list)
     for c in batch.chunks:
@@ -58,7 +56,7 @@ def build_points(batch: StagedBatch, version: int) -> list[qm.PointStruct]:
         )
     mods = {m["doc_id"]: m for m in batch.modulations}
 
-    points: list[qm.PointStruct] = []
+    points: list[Record] = []
     for doc in batch.docs:
         doc_id, chash = doc["doc_id"], doc["content_hash"]
         common = {
@@ -70,9 +68,8 @@ def build_points(batch: StagedBatch, version: int) -> list[qm.PointStruct]:
         }
         if doc["op"] == "delete":
             points.append(
-                qm.PointStruct(
+                Record(
                     id=point_id("tombstone", doc_id, 0, "", version),
-                    vector={},
                     payload={"kind": "tombstone", **common},
                 )
             )
@@ -80,9 +77,9 @@ def build_points(batch: StagedBatch, version: int) -> list[qm.PointStruct]:
         chunks = sorted(chunks_by_doc[doc_id], key=lambda c: c["index"])
         for c in chunks:
             points.append(
-                qm.PointStruct(
+                Record(
                     id=point_id("chunk", doc_id, c["index"], chash, version),
-                    vector={VECTOR: list(c["embedding"])},
+                    vector=list(c["embedding"]),
                     payload={
                         "kind": "chunk",
                         **common,
@@ -97,9 +94,9 @@ def build_points(batch: StagedBatch, version: int) -> list[qm.PointStruct]:
             )
         mod = mods[doc_id]
         points.append(
-            qm.PointStruct(
+            Record(
                 id=point_id("doc", doc_id, 0, chash, version),
-                vector={VECTOR: _doc_vector([c["embedding"] for c in chunks])} if chunks else {},
+                vector=_doc_vector([c["embedding"] for c in chunks]) if chunks else None,
                 payload={
                     "kind": "doc",
                     **common,
@@ -124,8 +121,7 @@ def build_points(batch: StagedBatch, version: int) -> list[qm.PointStruct]:
 
 
 def write_version(
-    client: QdrantClient,
-    collection: str,
+    store: Store,
     version: int,
     parent_lineage: Sequence[int],
     batch: StagedBatch,
@@ -141,41 +137,28 @@ def write_version(
     closed = {"docs": 0, "chunks": 0, "triples": 0}
     if parent_lineage and touched:
         groups: dict[tuple[int, ...], list] = defaultdict(list)
-        for p in scroll_all(client, collection, visible(parent_lineage, doc_ids=touched)):
+        for p in store.scroll(visible(parent_lineage, doc_ids=touched)):
             groups[tuple(p.payload.get("closed_in") or [])].append(p.id)
             kind = p.payload["kind"]
             if kind in ("doc", "chunk"):
                 closed[kind + "s"] += 1
             closed["triples"] += len(p.payload.get("triples", ()))
         for closed_in, ids in groups.items():
-            client.set_payload(
-                collection,
-                payload={"closed_in": sorted({*closed_in, version})},
-                points=ids,
-                wait=True,
-            )
+            store.set_payload(ids, {"closed_in": sorted({*closed_in, version})})
     points = build_points(batch, version)
     for i in range(0, len(points), UPSERT_BATCH):
         part = points[i : i + UPSERT_BATCH]
-        client.upsert(collection, points=part, wait=True)
+        store.upsert(part)
         if progress:
             progress(len(part))
     return closed
 
 
-def purge_version(client: QdrantClient, collection: str, version: int) -> None:
+def purge_version(store: Store, version: int) -> None:
     """Undo a version that was never published: drop its points, reopen what it closed."""
-    written = qm.Filter(
-        must=[qm.FieldCondition(key="version_from", match=qm.MatchValue(value=version))]
-    )
-    client.delete(collection, points_selector=qm.FilterSelector(filter=written), wait=True)
-    closed_by = qm.Filter(
-        must=[qm.FieldCondition(key="closed_in", match=qm.MatchValue(value=version))]
-    )
+    store.delete(Filter(must={"version_from": [version]}))
     groups: dict[tuple[int, ...], list] = defaultdict(list)
-    for p in scroll_all(client, collection, closed_by):
+    for p in store.scroll(Filter(must={"closed_in": [version]})):
         groups[tuple(v for v in p.payload["closed_in"] if v != version)].append(p.id)
     for closed_in, ids in groups.items():
-        client.set_payload(
-            collection, payload={"closed_in": list(closed_in)}, points=ids, wait=True
-        )
+        store.set_payload(ids, {"closed_in": list(closed_in)})
