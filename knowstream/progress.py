@@ -42,8 +42,9 @@ class RateColumn(ProgressColumn):
 
 
 class BatchProgress:
+    """Records (done of done + lag), batches, and a row per stage counter."""
+
     def __init__(self, console: Console, what: str) -> None:
-        self.on = console.is_terminal
         self.bar = Progress(
             SpinnerColumn(),
             TextColumn("{task.description:<26}"),
@@ -53,7 +54,7 @@ class BatchProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
-            disable=not self.on,
+            disable=not console.is_terminal,
         )
         self.records = self.bar.add_task(what, total=None, rate="")
         self.batches = self.bar.add_task("batches", total=None, rate="")
