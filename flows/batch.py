@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import opaque
 
+from knowstream.connectors import staging as staging_store
 from knowstream.connectors.kafka import KafkaRecord
 from knowstream.connectors.mlflow._registry import ResolvedAmortizer, resolve_amortizer
 from knowstream.memory import Memory, StaleParent
@@ -118,7 +117,7 @@ def pipeline_task(
     versions = model_versions(settings, amortizer)
     doc_ids = sorted({d for d in map(_doc_id_hint, records) if d})
     known = memory.known(parent, doc_ids)
-    staging = settings.staging_dir / uuid.uuid4().hex
+    staging = staging_store.batch_url(settings)
     result = run_batch(
         settings,
         [r.__dict__ for r in records],
@@ -184,9 +183,9 @@ def process_batch(
             durations["publish"] = time.perf_counter() - publishing
         except StaleParent:
             # Not a failure to inspect: the caller rebuilds the batch on the new live.
-            shutil.rmtree(staging, ignore_errors=True)
+            staging_store.remove(settings, staging)
             raise
-    shutil.rmtree(staging, ignore_errors=True)  # kept only when a step failed
+    staging_store.remove(settings, staging)  # kept only when a step failed
     durations["batch"] = time.perf_counter() - started
     return BatchReport(
         len(records),

@@ -56,7 +56,14 @@ LOOPBACK = "127.0.0.1"  # where the S3 emulator, Prefect and MLflow listen
 # Substrings of each service's command line. A pid file can outlive its process
 # (reboot, kill -9) and the pid be reused by something unrelated; checking the
 # command line keeps `down` from signalling a stranger and `up` from trusting one.
-_MARKERS = {"broker": "tansu", "s3": "s3rver", "prefect": "prefect", "mlflow": "mlflow"}
+_MARKERS = {
+    "broker": "tansu",
+    "s3": "s3rver",
+    "prefect": "prefect",
+    "mlflow": "mlflow",
+    "beam-job": "local_job_service_main",
+    "beam-pool": "beam_pool",
+}
 
 
 class ServiceError(RuntimeError):
@@ -162,46 +169,88 @@ def _s3_port() -> int:
     return int(os.environ.get(S3_PORT_ENV, DEFAULT_S3_PORT))
 
 
-def _start_s3(settings: Settings, timeout_s: float = 30.0) -> dict[str, str]:
-    """Make sure s3rver serves the bucket of ``settings.broker_storage``; return the
-    environment tansu needs to reach it.
+def s3_endpoint(settings: Settings) -> str:
+    """The S3 emulator's address: ``settings.s3_endpoint_url`` when set (staging and the
+    broker then share it), else loopback on ``KNOWSTREAM_S3_PORT``."""
+    return (settings.s3_endpoint_url or f"http://{LOOPBACK}:{_s3_port()}").rstrip("/")
 
-    Why s3rver: tansu's release build has only the memory and S3 storage engines
-    (postgres/sqlite are not compiled in), and s3rver is a small S3 emulator that
-    keeps objects as plain files under ``<home>/s3``. It is installed from npm into
-    ``<home>/node`` on first use and reused afterwards.
-    """
-    port = _s3_port()
-    endpoint = f"http://{LOOPBACK}:{port}"
-    env = {
-        "AWS_ENDPOINT": endpoint,
+
+def s3_env(settings: Settings) -> dict[str, str]:
+    """The environment S3 clients (tansu, boto3, pyarrow) need to reach the emulator."""
+    return {
+        "AWS_ENDPOINT": s3_endpoint(settings),
         "AWS_ALLOW_HTTP": "true",
         "AWS_ACCESS_KEY_ID": "S3RVER",
         "AWS_SECRET_ACCESS_KEY": "S3RVER",
-        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": settings.s3_region,
     }
+
+
+def _start_s3(settings: Settings, timeout_s: float = 30.0) -> dict[str, str]:
+    """Make sure s3rver serves the buckets of ``settings.broker_storage`` and
+    ``settings.staging`` (those that are ``s3://``); return the environment that S3
+    clients need to reach it.
+
+    Why s3rver: tansu's release build has only the memory and S3 storage engines
+    (postgres/sqlite are not compiled in), and staging on S3 is what lets Beam workers
+    on other machines write a batch the driver reads; s3rver is a small S3 emulator that
+    keeps objects as plain files under ``<home>/s3``. It is installed from npm into
+    ``<home>/node`` on first use and reused afterwards.
+    """
+    endpoint = s3_endpoint(settings)
+    env = s3_env(settings)
+    buckets = sorted(
+        urlparse(u).netloc
+        for u in {settings.broker_storage, settings.staging_url}
+        if u.startswith("s3://")
+    )
+    if not all(buckets):
+        raise ServiceError(f"no bucket in {settings.broker_storage!r} or {settings.staging_url!r}")
     if _running_pid(settings, "s3") is not None:
+        _ensure_buckets(settings, buckets)  # a bucket added since the emulator started
         return env
-    _require_free_port(LOOPBACK, port, f"set {S3_PORT_ENV} to a free port")
-    bucket = urlparse(settings.broker_storage).netloc
-    if not bucket:
-        raise ServiceError(f"no bucket in broker storage {settings.broker_storage!r}")
+    parsed = urlparse(endpoint)
+    _require_loopback(parsed.hostname or "")
+    port = parsed.port or 80
+    _require_free_port(LOOPBACK, port, f"set {S3_PORT_ENV} or KNOWSTREAM_S3_ENDPOINT_URL")
     data_dir = settings.home / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(_s3rver_binary(settings)),
-        "-d",
-        str(data_dir.resolve()),
-        "-a",
-        LOOPBACK,
-        "-p",
-        str(port),
-        "--configure-bucket",
-        bucket,
-    ]
-    pid = _spawn(settings, "s3", argv, dict(os.environ), endpoint)
+    argv = [str(_s3rver_binary(settings)), "-d", str(data_dir.resolve()), "-a", LOOPBACK]
+    argv += ["-p", str(port)]
+    for bucket in buckets:
+        argv += ["--configure-bucket", bucket]
+    # s3rver encrypts list continuation tokens with DES, which Node 17+ (OpenSSL 3) has
+    # only in its legacy provider: without it, paged listings fail with a 500.
+    node_env = {**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"}
+    pid = _spawn(settings, "s3", argv, node_env, endpoint)
     _wait_ready(settings, "s3", pid, timeout_s, lambda: _http_ok(endpoint + "/"))
     return env
+
+
+def start_s3(settings: Settings) -> dict[str, str]:
+    """Start the S3 emulator for ``s3://`` staging (and broker storage); see ``_start_s3``."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    return _start_s3(settings)
+
+
+def stop_s3(settings: Settings) -> None:
+    _stop(settings, "s3")
+
+
+def _ensure_buckets(settings: Settings, buckets: list[str]) -> None:
+    import pyarrow.fs as pafs
+
+    endpoint = urlparse(s3_endpoint(settings))
+    fs = pafs.S3FileSystem(
+        access_key="S3RVER",
+        secret_key="S3RVER",
+        region=settings.s3_region,
+        endpoint_override=endpoint.netloc,
+        scheme=endpoint.scheme,
+        allow_bucket_creation=True,
+    )
+    for bucket in buckets:
+        fs.create_dir(bucket)
 
 
 def _s3rver_binary(settings: Settings) -> Path:
@@ -302,11 +351,74 @@ def _start_server(
     return url
 
 
+# --- Beam's portable runner: job service and SDK worker pool ---------------------
+
+
+def start_beam(
+    settings: Settings, job_port: int = 8099, pool_port: int = 50000, timeout_s: float = 60.0
+) -> list[str]:
+    """Start Beam's Python job service and an SDK worker pool on loopback; return the
+    Beam arguments that run the pipeline on them (``Settings.beam_args``).
+
+    The job service runs each submitted pipeline and asks the pool for SDK workers
+    (``--environment_type=EXTERNAL``): the same split as a Flink or Dataflow job, on
+    one machine. Both log to ``<home>/run/beam-{job,pool}.log``, where a failed job's
+    traceback is (``pipeline_failure``). With ``s3://`` staging on the local emulator,
+    both get its credentials.
+    """
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if settings.staging_url.startswith("s3://") and _running_pid(settings, "s3") is not None:
+        env.update(s3_env(settings))
+    python = sys.executable
+    # The pool starts each SDK worker as plain "python": this interpreter's, not PATH's.
+    env["PATH"] = os.pathsep.join([str(Path(python).parent), env.get("PATH", "")])
+    # Beam's pool runs one executable per worker: ours runs infra/beam_boot.py here.
+    boot = settings.run_dir / "beam-boot"
+    boot.write_text(f'#!/bin/sh\nexec "{python}" -m knowstream.infra.beam_boot "$@"\n')
+    boot.chmod(0o755)
+    pool_argv = [python, "-m", "knowstream.infra.beam_pool", "--port", str(pool_port)]
+    pool_argv += ["--container_executable", str(boot.resolve())]
+    services = {
+        "beam-job": (
+            [python, "-m", "apache_beam.runners.portability.local_job_service_main"]
+            + ["--port", str(job_port), "--staging_dir", str(settings.run_dir / "beam-artifacts")],
+            job_port,
+        ),
+        "beam-pool": (pool_argv, pool_port),
+    }
+    for name, (argv, port) in services.items():
+        if _running_pid(settings, name) is not None:
+            continue
+        _require_free_port(LOOPBACK, port, "pass another port")
+        pid = _spawn(settings, name, argv, env, f"{LOOPBACK}:{port}")
+        _wait_ready(settings, name, pid, timeout_s, lambda p=port: _port_accepts(LOOPBACK, p))
+    return portable_args(settings)
+
+
+def portable_args(settings: Settings) -> list[str]:
+    """``Settings.beam_args`` for the job service and pool that ``start_beam`` started."""
+    job = _path(settings, "beam-job", "url").read_text().strip()
+    pool = _path(settings, "beam-pool", "url").read_text().strip()
+    return [
+        "--runner=PortableRunner",
+        f"--job_endpoint={job}",
+        "--environment_type=EXTERNAL",
+        f"--environment_config={pool}",
+    ]
+
+
+def stop_beam(settings: Settings) -> None:
+    _stop(settings, "beam-job")
+    _stop(settings, "beam-pool")
+
+
 # --- all services -------------------------------------------------------------------
 
 
 def stop_all(settings: Settings) -> None:
     """Stop every service this home started (missing ones are skipped)."""
+    stop_beam(settings)
     stop_prefect_server(settings)
     stop_mlflow_server(settings)
     stop_broker(settings)

@@ -30,6 +30,10 @@ for _k, _v in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # S3 clients (boto3 for Beam, pyarrow for the store) send checksums that S3-compatible
+    # stores such as s3rver do not understand: pyarrow's objects were stored corrupt.
+    # AWS's own S3 accepts either way.
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
 }.items():
     os.environ.setdefault(_k, _v)
 
@@ -77,6 +81,12 @@ class Settings(BaseSettings):
     # "models:/NAME@ALIAS", "models:/NAME/VERSION", "registry" (= models:/<amortizer_model>@live)
     amortizer: str = "bundled"
     beam_args: list[str] = Field(default_factory=lambda: ["--runner=FnApiRunner"])
+    # Where each batch's Parquet delta is staged: a folder, or s3://bucket/prefix that
+    # remote Beam workers can reach (None = <home>/staging). S3 credentials come from the
+    # AWS default chain (AWS_ACCESS_KEY_ID, ...) of every process, workers included.
+    staging: str | None = None
+    s3_endpoint_url: str | None = None  # an S3-compatible store (s3rver, MinIO); None = AWS
+    s3_region: str = "us-east-1"
     torch_threads: int = 1  # on 2 busy cores one thread is often fastest
     amortize_device: str = "cpu"  # where the amortize stage runs: "cpu", "cuda", "cuda:1"
     amortize_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # its compute
@@ -120,8 +130,8 @@ class Settings(BaseSettings):
         return (self.home / "mlartifacts").resolve()
 
     @property
-    def staging_dir(self) -> Path:
-        return self.home / "staging"
+    def staging_url(self) -> str:
+        return self.staging or str((self.home / "staging").resolve())
 
     @property
     def run_dir(self) -> Path:

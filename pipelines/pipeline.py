@@ -12,19 +12,27 @@
 It is a bounded pipeline: the ingest flow reads a micro-batch from Kafka
 (until an empty poll), runs this, publishes, and only then commits offsets.
 Runs in-process on Beam's FnApiRunner by default; any runner named with
-``--runner`` in ``Settings.beam_args`` (Flink, Spark, Dataflow) runs the same
-graph, since every stage is a DoFn or a RunInference model handler whose models
-load once per worker.
+``--runner`` in ``Settings.beam_args`` runs the same graph, since every stage is a
+DoFn or a RunInference model handler whose models load once per worker, and the
+delta goes to a staging URL (``Settings.staging``: a folder, or ``s3://`` for
+workers on other machines). Run here: FnApiRunner in-process and
+``--direct_running_mode=multi_processing``, and PortableRunner on Beam's Python job
+service with EXTERNAL workers (``knowstream up --beam``); see the README for Flink
+and Dataflow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.portability.api import beam_job_api_pb2, beam_provision_api_pb2
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.runners.portability.fn_api_runner.fn_runner import ExtendedProvisionInfo
+from apache_beam.runners.portability.portable_runner import PipelineResult as PortableResult
 
+from knowstream.connectors import staging as staging_store
 from knowstream.pipelines.faults import Isolated, drop_failed, failure
 from knowstream.pipelines.stages.amortize import Amortize
 from knowstream.pipelines.stages.chunk import Chunk
@@ -35,6 +43,10 @@ from knowstream.pipelines.stages.stage import WriteStaged, doc_row
 from knowstream.pipelines.stages.triples import Triples
 from knowstream.schemas.staged import StagedBatch, read_staged
 from knowstream.settings import Settings
+
+
+class PipelineFailed(RuntimeError):
+    """The Beam job failed on its workers; the message carries their traceback."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ def build(
     settings: Settings,
     known: dict[str, dict],
     model: str,
-    staging: Path,
+    staging: str,
 ) -> None:
     raw = p | "read" >> beam.Create(records)  # {"topic","partition","offset","key","value"}
 
@@ -128,22 +140,61 @@ def build(
         _ = pcoll | f"stage {name}" >> WriteStaged(staging, name)
 
 
+def _fn_api_runner(options: PipelineOptions) -> FnApiRunner | None:
+    """An FnApiRunner whose workers get the pipeline options; None for other runners.
+
+    FnApiRunner provisions its worker processes (``multi_processing``) with no pipeline
+    options, so Beam's S3 filesystem there would miss the staging endpoint and region;
+    a job service hands them over, and so does this.
+    """
+    if options.view_as(StandardOptions).runner != "FnApiRunner":
+        return None
+    info = beam_provision_api_pb2.ProvisionInfo(retrieval_token="unused-retrieval-token")
+    # Text options only: a protobuf Struct turns ints into floats ("2.0"), which the
+    # worker's option parser rejects; the S3 ones are all text.
+    given = options.get_all_options(drop_default=True)
+    info.pipeline_options.update({k: v for k, v in given.items() if isinstance(v, str)})
+    return FnApiRunner(provision_info=ExtendedProvisionInfo(info))
+
+
+def _job_errors(result: PortableResult, error: Exception) -> str:
+    """The client's error plus the job's error messages.
+
+    A job service reports a failure to its client as "Error running pipeline."; the
+    workers' traceback is an earlier error message of the job's message stream (and in
+    the job service's log). Ingest's health record and ``status`` show this text.
+    """
+    errors = [
+        m.message_response.message_text
+        for m in result._messages  # the stream wait_until_finish read; Beam keeps it here
+        if m.HasField("message_response")
+        and m.message_response.importance == beam_job_api_pb2.JobMessage.JOB_MESSAGE_ERROR
+    ]
+    return "\n".join([str(error), *errors])
+
+
 def run_batch(
     settings: Settings,
     records: list[dict],
     *,
     known: dict[str, dict],
     model: str,
-    staging: Path,
+    staging: str,
 ) -> BatchResult:
-    """Run the pipeline over one micro-batch; the delta lands in ``staging``."""
-    staging.mkdir(parents=True, exist_ok=True)
-    p = beam.Pipeline(options=PipelineOptions(settings.beam_args))
+    """Run the pipeline over one micro-batch; the delta lands at the ``staging`` URL
+    (a folder or ``s3://...``) and is read back from there."""
+    options = PipelineOptions([*settings.beam_args, *staging_store.beam_options(settings)])
+    p = beam.Pipeline(runner=_fn_api_runner(options), options=options)
     build(p, records, settings=settings, known=known, model=model, staging=staging)
     result = p.run()
-    result.wait_until_finish()
+    try:
+        result.wait_until_finish()
+    except Exception as e:
+        if isinstance(result, PortableResult):
+            raise PipelineFailed(_job_errors(result, e)) from e
+        raise
     counters: dict[str, int] = {}
     for c in result.metrics().query()["counters"]:  # summed over the steps that share a name
         name = f"{c.key.metric.namespace}.{c.key.metric.name}"
         counters[name] = counters.get(name, 0) + int(c.committed or 0)
-    return BatchResult(read_staged(staging), counters)
+    return BatchResult(read_staged(staging_store.local_copy(settings, staging)), counters)

@@ -22,9 +22,10 @@ def _to_row(element: dict, schema: pa.Schema) -> dict:
 
 
 class WriteStaged(beam.PTransform):
-    """Write one PCollection of dicts as ``<folder>/<name>-*.parquet``."""
+    """Write one PCollection of dicts as ``<folder>/<name>-*.parquet``; ``folder`` is a
+    path or a URL of any Beam filesystem (``s3://bucket/prefix``)."""
 
-    def __init__(self, folder: Path, name: str) -> None:
+    def __init__(self, folder: str | Path, name: str) -> None:
         super().__init__()
         self.folder, self.name, self.schema = folder, name, OUTPUTS[name]
 
@@ -34,7 +35,7 @@ class WriteStaged(beam.PTransform):
             | f"{self.name} rows" >> beam.Map(_to_row, self.schema)
             | f"write {self.name}"
             >> beam.io.WriteToParquet(
-                str(self.folder / self.name),
+                f"{str(self.folder).rstrip('/')}/{self.name}",
                 self.schema,
                 file_name_suffix=".parquet",
                 num_shards=1,
