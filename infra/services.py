@@ -227,6 +227,12 @@ def _start_s3(settings: Settings, timeout_s: float = 30.0) -> dict[str, str]:
     return env
 
 
+def local_s3_staging(settings: Settings) -> bool:
+    """Staging is ``s3://`` on an endpoint of this machine: ``up`` runs the emulator."""
+    host = urlparse(settings.s3_endpoint_url or "").hostname
+    return settings.staging_url.startswith("s3://") and host in ("127.0.0.1", "localhost")
+
+
 def start_s3(settings: Settings) -> dict[str, str]:
     """Start the S3 emulator for ``s3://`` staging (and broker storage); see ``_start_s3``."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -425,8 +431,8 @@ def stop_all(settings: Settings) -> None:
 
 
 def service_status(settings: Settings, name: str) -> dict:
-    """``{"running", "pid", "address", "log"}`` of one service: broker, s3, prefect
-    or mlflow. ``address`` is where it serves when started, else ``None``."""
+    """``{"running", "pid", "address", "log"}`` of one service: broker, s3, prefect,
+    mlflow, beam-job or beam-pool. ``address`` is where it serves when started, else ``None``."""
     pid = _running_pid(settings, name)
     url_file = _path(settings, name, "url")
     return {

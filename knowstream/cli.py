@@ -102,6 +102,11 @@ def up(
     ctx: typer.Context,
     with_prefect_server: Annotated[bool, typer.Option(help="Also start a Prefect server.")] = False,
     with_mlflow_server: Annotated[bool, typer.Option(help="Also start an MLflow server.")] = False,
+    beam: Annotated[
+        bool, typer.Option(help="Also start Beam's job service and an SDK worker pool.")
+    ] = False,
+    beam_job_port: Annotated[int, typer.Option(help="Port of Beam's job service.")] = 8099,
+    beam_pool_port: Annotated[int, typer.Option(help="Port of the SDK worker pool.")] = 50000,
 ) -> None:
     """Start the local broker (and optional servers) on loopback."""
     from knowstream.infra import services
@@ -110,6 +115,15 @@ def up(
     with console.status("starting the Kafka-protocol broker (tansu)..."):
         services.start_broker(s)
     console.print(f"broker ready at {s.bootstrap_servers} ({s.broker_storage})")
+    if services.local_s3_staging(s):
+        with console.status("starting the S3 emulator for staging (s3rver)..."):
+            env = services.start_s3(s)
+        exports = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("AWS_"))
+        console.print(f"staging on {s.staging_url} (s3rver): export {exports}")
+    if beam:
+        with console.status("starting Beam's job service and SDK worker pool..."):
+            args = services.start_beam(s, beam_job_port, beam_pool_port)
+        console.print(f"beam ready: export KNOWSTREAM_BEAM_ARGS='{json.dumps(args)}'")
     if with_prefect_server:
         with console.status("starting the Prefect server..."):
             url = services.start_prefect_server(s)
@@ -142,6 +156,9 @@ def status(ctx: typer.Context) -> None:
     broker = services.broker_status(s)
     table = Table(title="knowstream status", show_header=False)
     table.add_row("broker", json.dumps(broker))
+    for name in ("s3", "beam-job", "beam-pool"):
+        if (service := services.service_status(s, name))["running"]:
+            table.add_row(name, json.dumps(service))
     if url := _server(s):
         state = _api(s, url, "GET", "/admin/status")
         live, health = state["live"], state["ingest"]
