@@ -485,6 +485,17 @@ def evaluate(
     saved.write_text(json.dumps(res, indent=1))
 
 
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context) -> None:
+    """Train MAC: runs the script models/train.py with --name=value options, each a
+    field of its TrainConfig (e.g. --squad=DEV.jsonl --extra=TRAIN.jsonl.gz --device=cuda)."""
+    import runpy
+    import sys
+
+    sys.argv = ["knowstream train", *ctx.args]
+    runpy.run_module("knowstream.models.train", run_name="__main__", alter_sys=True)
+
+
 @app.command()
 def demo(
     ctx: typer.Context,

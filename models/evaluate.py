@@ -14,6 +14,10 @@ top-k retrieval hits of ``models/retrieve.py`` (pipeline chunker + embedder):
 * ``mac@k``: the question alone, prefix aggregated over the entries of the top-k
   retrieved documents (k distinct documents).
 * ``mac+rag@k``: both: retrieved chunks in the prompt and the MAC prefix.
+* ``task_closed_book`` / ``task_gold_passage`` / ``task_rag@k``: the same as the
+  modes without ``task_``, after the checkpoint's shared task prompt (its
+  ``task_len`` learned prefix tokens; the MAC modes always include it). These are
+  the fair baselines: the same format help as the MAC modes, no memory.
 * Controls: ``mac_wrong`` / ``mac_wrong@k`` / ``mac+rag_wrong@k`` are the same
   with the entries of 1 / k random *other* passages (seeded; other articles'
   whenever there are enough). Every MAC mode minus its control, and MAC+RAG
@@ -51,6 +55,7 @@ from knowstream.models.inference import (
     load_models,
     passage_prompt,
     prefix_cache,
+    task_cache,
 )
 from knowstream.models.mac import MAC
 from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
@@ -65,17 +70,29 @@ BASE_MODES = (
     "mac",
     "mac+rag",
     "mac+rag_wrong",
+    "task_closed_book",
+    "task_gold_passage",
+    "task_rag",
 )
-RETRIEVAL_MODES = ("rag", "mac", "mac+rag", "mac+rag_wrong")  # need @k; mac_wrong takes it too
+RETRIEVAL_MODES = (
+    "rag",
+    "mac",
+    "mac+rag",
+    "mac+rag_wrong",
+    "task_rag",
+)  # need @k; mac_wrong takes it too
 RETENTION_FRACTIONS = (0.1, 0.5, 1.0)  # of the stream in memory
 # mode -> its wrong-passage control (at the same k)
 CONTROL = {"mac_gold": "mac_wrong", "mac": "mac_wrong", "mac+rag": "mac+rag_wrong"}
 MODES = (  # the rows of EVAL.md, each MAC row next to its control
     "closed_book",
     "gold_passage",
+    "task_closed_book",
+    "task_gold_passage",
     "mac_gold",
     "mac_wrong",
     *(f"rag@{k}" for k in (1, 3, 5)),
+    *(f"task_rag@{k}" for k in (1, 3, 5)),
     *(m for k in (1, 3, 5, 10) for m in (f"mac@{k}", f"mac_wrong@{k}")),
     *(m for k in (1, 3, 5) for m in (f"mac+rag@{k}", f"mac+rag_wrong@{k}")),
 )
@@ -203,6 +220,8 @@ def run_mode(
     """Predictions of ``mode`` for ``records``; ``allowed`` limits retrieval and the
     control's passages to the documents in memory (retention runs)."""
     name, k = parse_mode(mode)
+    task = name.startswith("task_")
+    name = name.removeprefix("task_")
     wrong = None
     if name in ("mac_wrong", "mac+rag_wrong"):
         pool = sorted(allowed) if allowed is not None else None
@@ -223,6 +242,8 @@ def run_mode(
             contents = [r.question for r in batch]
         prompts = chat_prompts(ctx.tokenizer, contents)
         cache, P = None, 0
+        if task:
+            cache, P = task_cache(ctx.mac, len(batch), ctx.lm.dtype)
         if name.startswith("mac"):
             if name == "mac_gold":
                 docs = [[r.doc_id] for r in batch]
@@ -269,8 +290,9 @@ def comparisons(per_q: dict[str, np.ndarray], seed: int) -> dict[str, dict]:
         at = f"@{k}" if k else ""
         if name in CONTROL and (ref := CONTROL[name] + at) in per_q:
             out[f"{mode} - {ref}"] = paired(per_q[mode], per_q[ref], seed)
-        if name == "mac+rag" and f"rag{at}" in per_q:
-            out[f"{mode} - rag{at}"] = paired(per_q[mode], per_q[f"rag{at}"], seed)
+        for base in ("rag", "task_rag"):
+            if name == "mac+rag" and f"{base}{at}" in per_q:
+                out[f"{mode} - {base}{at}"] = paired(per_q[mode], per_q[f"{base}{at}"], seed)
     return out
 
 
@@ -327,10 +349,12 @@ def evaluate(
     if n:
         records = records[:n]
     lm, tokenizer, encoder = models or load_models(device, lm_cache)
-    needs_mac = any(m.startswith("mac") for m in [*modes, *retention_modes])
+    needs_mac = any(m.startswith(("mac", "task_")) for m in [*modes, *retention_modes])
     if needs_mac and checkpoint is None:
         raise ValueError("MAC modes need a checkpoint")
     mac = MAC.load(checkpoint, device) if needs_mac else None
+    if mac is not None and not mac.config.task_len:  # no task prompt: no task_ rows
+        modes = [m for m in modes if not m.startswith("task_")]
     hits = None
     if retrieval:
         hits = load_retrieval(retrieval)

@@ -49,8 +49,17 @@ def passage_prompt(passage: str, question: str) -> str:
 
 
 def prefix_cache(mac: MAC, summary: Tensor, dtype: torch.dtype) -> DynamicCache:
+    """The LM cache of MAC's prefix (task prompt + memory): P = ``mac.config.prefix_len``."""
     pairs = mac.expansion.key_values(summary)
     return DynamicCache([(k.to(dtype), v.to(dtype)) for k, v in pairs])
+
+
+def task_cache(mac: MAC | None, B: int, dtype: torch.dtype) -> tuple[DynamicCache | None, int]:
+    """The shared task prompt alone as an LM cache, and its length (None, 0 without one)."""
+    if mac is None or not mac.config.task_len:
+        return None, 0
+    pairs = mac.expansion.task_key_values(B)
+    return DynamicCache([(k.to(dtype), v.to(dtype)) for k, v in pairs]), mac.config.task_len
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -58,10 +67,18 @@ def prefix_cache(mac: MAC, summary: Tensor, dtype: torch.dtype) -> DynamicCache:
 
 @torch.no_grad()
 def generate(
-    lm, tokenizer, prompts: list[list[int]], cache=None, P: int = 0, max_new_tokens: int = 24
+    lm,
+    tokenizer,
+    prompts: list[list[int]],
+    cache=None,
+    P: int = 0,
+    max_new_tokens: int = 24,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> list[str]:
     """Greedy continuations of left-padded prompts after an optional prefix cache of
-    length P (the prompt at positions P, P+1, ... as in training)."""
+    length P (the prompt at positions P, P+1, ... as in training); with
+    ``temperature`` > 0, sampled at that temperature instead."""
     dev = lm.device
     B, L = len(prompts), max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -83,9 +100,17 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(max_new_tokens):
         logits = lm(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            logits_to_keep=1,  # not (B, L, vocab) for the whole prompt
         ).logits[:, -1]
-        nxt = logits.argmax(-1)
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos_token_id), nxt)
         out.append(nxt)
         done |= torch.isin(nxt, stops)
@@ -131,8 +156,9 @@ def answer(
 # ----------------------------------------------------------------------------- loading
 
 
-def load_models(dev: str, lm_cache_dir: str = "", amp_dtype: str = "bfloat16"):
-    """Frozen LM (bf16 on CUDA, fp32 on CPU), its tokenizer, and the frozen encoder."""
+def load_models(dev: str, lm_cache_dir: str = "", amp_dtype: str = "bfloat16", encoder=True):
+    """Frozen LM (bf16 on CUDA, fp32 on CPU), its tokenizer, and the frozen encoder
+    (None with ``encoder=False``)."""
     dtype = getattr(torch, amp_dtype) if torch.device(dev).type == "cuda" else torch.float32
     try:
         lm, tokenizer = load_lm(
@@ -145,9 +171,11 @@ def load_models(dev: str, lm_cache_dir: str = "", amp_dtype: str = "bfloat16"):
         )
         lm = lm.to(dev).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name, local_files_only=True)
-    encoder = TextEncoder(dev)
-    encoder.model.float()  # a carried fp16 copy of MiniLM runs in fp32 like the original
-    return lm, tokenizer, encoder
+    if not encoder:
+        return lm, tokenizer, None
+    enc = TextEncoder(dev)
+    enc.model.float()  # a carried fp16 copy of MiniLM runs in fp32 like the original
+    return lm, tokenizer, enc
 
 
 def bundled_checkpoint() -> Path:

@@ -52,7 +52,8 @@ class MACConfig:
     n_kv_heads: int = 3  # key/value heads of the LM (GQA: its 9 query heads share these 3)
     head_dim: int = 64  # width of one key/value head of the LM
     # --- the trainable networks ---
-    prefix_len: int = 2  # P: prefix tokens per LM layer (upstream: 2)
+    prefix_len: int = 2  # P: prefix tokens per LM layer, task prompt included (upstream: 2)
+    task_len: int = 0  # the first task_len of the P are the shared task prompt (no entry in them)
     d_model: int = 192  # width of the amortizer's and the question reader's layers
     n_heads: int = 8  # attention heads; d_model must be divisible by it
     amortizer_layers: int = 2  # amortizer layers: self-attn, cross-attn to the document, MLP
@@ -61,12 +62,21 @@ class MACConfig:
     mlp_hidden: int = 384  # hidden width of the MLP in every attention layer and block
     token_hidden: int = 16  # hidden width of each per-token MLP (T per reader, 2LP in expansion)
     dropout: float = 0.0  # dropout on attention weights and residual branches (upstream: none)
+    encoder_lora_rank: int = (
+        0  # LoRA rank on every linear layer of the document encoder (0: frozen)
+    )
+    encoder_lora_alpha: float = 16.0  # LoRA scale alpha / rank
     seed: int = 0  # seed of the initial weights: untrained models are identical across processes
 
     @property
+    def mem_len(self) -> int:
+        """Prefix tokens per layer made from the memory (the rest is the task prompt)."""
+        return self.prefix_len - self.task_len
+
+    @property
     def n_prefix(self) -> int:
-        """Prefix tokens the expansion makes: a key and a value, P each, for every LM layer."""
-        return 2 * self.n_layers_lm * self.prefix_len
+        """Prefix tokens the expansion makes: a key and a value, mem_len each, per LM layer."""
+        return 2 * self.n_layers_lm * self.mem_len
 
 
 class Attention(nn.Module):
@@ -174,12 +184,15 @@ class Amortizer(nn.Module):
     (upstream likewise uses a second T5 for questions).
     """
 
-    def __init__(self, c: MACConfig, n_layers: int) -> None:
+    def __init__(self, c: MACConfig, n_layers: int, encoder_lora: bool = False) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(c.n_tokens, c.d_model) * 0.02)
         self.layers = nn.ModuleList(ReaderLayer(c) for _ in range(n_layers))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = TokenMLP(c.n_tokens, c.d_model, c.d_lm, c.token_hidden)
+        # LoRA deltas for the document encoder's linear layers, created on first use
+        # (their shapes come from the encoder): see ``EncoderLoRA``.
+        self.lora = EncoderLoRA(c) if encoder_lora and c.encoder_lora_rank > 0 else None
 
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         x = self.queries.expand(states.shape[0], -1, -1)
@@ -226,7 +239,10 @@ class Amortizer(nn.Module):
         window_states: list[Tensor | None] = [None] * len(windows)
         for start in range(0, len(order), window_batch):
             idx = order[start : start + window_batch]
-            states, mask = encoder.encode_ids([windows[w] for w in idx])
+            if self.lora is None:
+                states, mask = encoder.encode_ids([windows[w] for w in idx])
+            else:  # the trained encoder, with gradients when they are enabled
+                states, mask = self.lora.encode_ids(encoder, [windows[w] for w in idx])
             for j, w in enumerate(idx):
                 window_states[w] = states[j, mask[j]]  # without padding
         per_text: list[list[Tensor]] = [[] for _ in texts]
@@ -241,6 +257,82 @@ class Amortizer(nn.Module):
             doc_states[i, : len(d)] = d
             doc_mask[i, : len(d)] = True
         return self(doc_states, doc_mask)
+
+
+class EncoderLoRA(nn.Module):
+    """Low-rank deltas for every linear layer of the (otherwise frozen) document
+    encoder: W' = W + (alpha / r) B A, A (r, in), B (out, r), B = 0 at init, so an
+    untrained delta is the frozen encoder exactly. The encoder's own weights are
+    never changed (the same encoder embeds chunks and reads questions): the
+    forward pass swaps the merged weights in with ``torch.func.functional_call``.
+
+    The targets are listed in the config's order of the encoder's parameter names
+    (``*.weight`` of 2-d linear layers inside ``encoder.layer``); their shapes are
+    fixed for all-MiniLM-L6-v2 (6 layers x q, k, v, attention out, FFN in, FFN out).
+    """
+
+    # (name suffix, (out, in)) per encoder layer of all-MiniLM-L6-v2
+    TARGETS = (
+        ("attention.self.query.weight", (384, 384)),
+        ("attention.self.key.weight", (384, 384)),
+        ("attention.self.value.weight", (384, 384)),
+        ("attention.output.dense.weight", (384, 384)),
+        ("intermediate.dense.weight", (1536, 384)),
+        ("output.dense.weight", (384, 1536)),
+    )
+    N_LAYERS = 6
+
+    def __init__(self, c: MACConfig) -> None:
+        super().__init__()
+        r = c.encoder_lora_rank
+        self.scale = c.encoder_lora_alpha / r
+        self.names = [
+            f"encoder.layer.{i}.{suffix}"
+            for i in range(self.N_LAYERS)
+            for suffix, _ in self.TARGETS
+        ]
+        shapes = [shape for _ in range(self.N_LAYERS) for _, shape in self.TARGETS]
+        # ParameterDict keys may not contain dots.
+        self.a = nn.ParameterDict(
+            {
+                n.replace(".", "_"): nn.Parameter(torch.randn(r, i) / math.sqrt(i))
+                for n, (_, i) in zip(self.names, shapes, strict=True)
+            }
+        )
+        self.b = nn.ParameterDict(
+            {
+                n.replace(".", "_"): nn.Parameter(torch.zeros(o, r))
+                for n, (o, _) in zip(self.names, shapes, strict=True)
+            }
+        )
+
+    def merged(self, model: nn.Module) -> dict[str, Tensor]:
+        """Encoder parameter name -> W + scale * B A, for every target."""
+        params = dict(model.named_parameters())
+        out = {}
+        for n in self.names:
+            w = params[n]
+            key = n.replace(".", "_")
+            out[n] = w + (self.scale * (self.b[key] @ self.a[key])).to(w.dtype)
+        return out
+
+    def encode_ids(self, encoder: TextEncoder, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """``TextEncoder.encode_ids`` through the adapted encoder (differentiable)."""
+        length = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), length), encoder.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), length), dtype=torch.bool)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = True
+        input_ids, mask = input_ids.to(encoder.device), mask.to(encoder.device)
+        out = torch.func.functional_call(
+            encoder.model,
+            self.merged(encoder.model),
+            args=(),
+            kwargs={"input_ids": input_ids, "attention_mask": mask.long()},
+            strict=False,
+        )
+        return out.last_hidden_state, mask
 
 
 class BankBlock(nn.Module):
@@ -343,15 +435,38 @@ class Expansion(nn.Module):
         self.proj = nn.Linear(c.d_lm, kv_width)
         self.mix = nn.Linear(c.n_tokens, c.n_prefix)
         self.head = TokenMLP(c.n_prefix, kv_width, kv_width, c.token_hidden)
+        # The shared task prompt: task_len free key/value tokens per layer, the same
+        # for every question and entry (and used alone by the modes without memory).
+        self.task = (
+            nn.Parameter(torch.randn(c.n_layers_lm, 2, c.n_kv_heads, c.task_len, c.head_dim) * 0.02)
+            if c.task_len
+            else None
+        )
+
+    def task_key_values(self, B: int) -> list[tuple[Tensor, Tensor]]:
+        """The task prompt alone: per layer (key, value), each (B, heads, task_len, head_dim)."""
+        assert self.task is not None, "this checkpoint has no task prompt (task_len = 0)"
+        t = self.task.unsqueeze(2).expand(-1, -1, B, -1, -1, -1)  # (L, 2, B, heads, task_len, hd)
+        return [(layer[0], layer[1]) for layer in t]
 
     def key_values(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """One (key, value) pair per LM layer, each (B, n_kv_heads, P, head_dim)."""
+        """One (key, value) pair per LM layer, each (B, n_kv_heads, P, head_dim): the
+        task prompt's task_len tokens, then mem_len tokens made from ``x``."""
         c = self.c
         B = x.shape[0]
-        z = self.mix(self.proj(x).transpose(1, 2)).transpose(1, 2)  # (B, 2LP, kv_width)
-        kv = self.head(z).view(B, c.n_layers_lm, 2, c.prefix_len, c.n_kv_heads, c.head_dim)
-        kv = kv.permute(1, 2, 0, 4, 3, 5)  # (L, 2, B, heads, P, head_dim)
-        return [(layer[0], layer[1]) for layer in kv]
+        z = self.mix(self.proj(x).transpose(1, 2)).transpose(1, 2)  # (B, 2L*mem_len, kv_width)
+        kv = self.head(z).view(B, c.n_layers_lm, 2, c.mem_len, c.n_kv_heads, c.head_dim)
+        kv = kv.permute(1, 2, 0, 4, 3, 5)  # (L, 2, B, heads, mem_len, head_dim)
+        if self.task is None:
+            return [(layer[0], layer[1]) for layer in kv]
+        task = self.task_key_values(B)
+        return [
+            (
+                torch.cat([tk.to(layer[0].dtype), layer[0]], 2),
+                torch.cat([tv.to(layer[1].dtype), layer[1]], 2),
+            )
+            for (tk, tv), layer in zip(task, kv, strict=True)
+        ]
 
     def forward(self, x: Tensor) -> tuple[DynamicCache, int]:
         """The prefix as a fresh transformers cache, and its length P per layer.
@@ -372,7 +487,7 @@ class MAC(nn.Module):
         # that every process builds identical untrained weights (and version).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.amortizer = Amortizer(config, config.amortizer_layers)
+            self.amortizer = Amortizer(config, config.amortizer_layers, encoder_lora=True)
             self.aggregator = Aggregator(config)
             self.expansion = Expansion(config)
 

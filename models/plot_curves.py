@@ -20,8 +20,8 @@ def plot(metrics_path: str, out: str) -> None:
     tr = [r for r in m["train"] if r["step"] > 1]
     ax.plot(
         [r["step"] for r in tr],
-        [r.get("qa_loss", r["loss"]) for r in tr],
-        label="train QA loss (bank = curriculum size)",
+        [r.get("gold_nll", r.get("qa_loss", r["loss"])) for r in tr],
+        label="train answer NLL (bank = curriculum size)",
     )
     va = m["val"]
     ax.plot([r["step"] for r in va], [r["gold"] for r in va], "o-", label="validation, gold entry")

@@ -23,6 +23,9 @@ COLORS = {  # one colour per family; controls are hatched in the same colour
     "mac_gold": "#e8590c",
     "mac": "#e8590c",
     "mac+rag": "#7048e8",
+    "task_closed_book": "#555555",  # the same modes after the shared task prompt
+    "task_gold_passage": "#1b5e20",
+    "task_rag": "#0b4f9c",
 }
 CONTROL_OF = {control: mode for mode, control in CONTROL.items()}  # control -> a mode it controls
 

