@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from knowstream.connectors.kafka import produce_file
 from tests.fixtures_broker import free_port
@@ -115,6 +116,20 @@ def test_serve_ingest_is_operated_from_other_processes(served, tmp_path):
     wait_for("version 2", lambda: live() == 2, server)
     second = ask()
     assert second["version"] == 2 and any("27–23" in e["text"] for e in second["evidence"])
+
+    # The worker's series are on the server's /metrics: one registry per process.
+    scraped = {
+        (m.name, tuple(sorted(m.labels.items()))): m.value
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for m in family.samples
+    }
+    topic = (("topic", settings.topic),)
+    batches = (("kind", "ingest"), ("outcome", "published"), *topic)
+    assert scraped[("knowstream_ingest_batches_total", batches)] == 2
+    assert scraped[("knowstream_ingest_consumer_lag", (("partition", "0"), *topic))] == 0
+    stage = (("counter", "accepted"), ("stage", "parse"), *topic)
+    assert scraped[("knowstream_ingest_stage_items_total", stage)] == 5
+    assert scraped[("knowstream_live_version", ())] == 2
 
     # Other processes: they go through the API while serve holds the store.
     status = cli(env, "status").stdout
