@@ -94,16 +94,29 @@ def batches_of(settings: Settings) -> list[dict]:
 
 
 def latest_eval(settings: Settings, path: Path | None = None) -> tuple[Path, dict] | None:
-    """The named eval JSON, else the newest one saved under ``<home>/eval``, else the
-    newest of the repository's runs."""
-    if path is None:
-        found = [p for g in EVAL_GLOBS for p in settings.home.glob(g)]
-        found = found or [p for g in REPO_EVAL_GLOBS for p in ROOT.glob(g)]
-        if not found:
-            return None
-        path = max(found, key=lambda p: (p.stat().st_mtime, str(p)))
-    data = json.loads(path.read_text())
-    return (path, data) if isinstance(data.get("rows"), dict) else None
+    """The named eval JSON, else the newest readable one saved under ``<home>/eval``, else
+    the newest readable one of the repository's runs."""
+    if path is not None:
+        data = _eval_result(path)
+        return (path, data) if data else None
+    for paths in (
+        [p for g in EVAL_GLOBS for p in settings.home.glob(g)],
+        [p for g in REPO_EVAL_GLOBS for p in ROOT.glob(g)],
+    ):
+        for p in sorted(paths, key=lambda p: (p.stat().st_mtime, str(p)), reverse=True):
+            if data := _eval_result(p):
+                return p, data
+    return None
+
+
+def _eval_result(path: Path) -> dict | None:
+    """An eval result with EM and F1 in every row, else None (other JSON, a cut file)."""
+    try:
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        return data if rows and all("em" in r and "f1" in r for r in rows.values()) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # --- plots ---------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -19,6 +21,7 @@ from knowstream.serving.app import create_app
 from tests.browser import check_page
 from tests.test_memory_e2e import UPDATE, sample_events, write_jsonl
 
+ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("Version timeline", "Documents, chunks", "Ingest throughput", "Dead letters", "Eval")
 
 
@@ -36,12 +39,18 @@ def test_report_renders_in_chromium(memory_settings, tmp_path):
     moves = live_moves(versions_of(Registry(s)))
     assert [(v, rollback) for _, v, rollback in moves] == [(1, False), (2, False), (1, True)]
 
+    # An eval result saved under the home (as `knowstream eval` does) is the one shown.
+    run = ROOT / "models" / "runs" / "mac-squad-h200-2026-11-27" / "eval.json"
+    (s.home / "eval").mkdir()
+    shutil.copy(run, s.home / "eval" / "eval-1.json")
+    (s.home / "eval" / "eval-2.json").write_text('{"rows": "not an eval"}')  # newer, skipped
     env = {"KNOWSTREAM_HOME": str(s.home)}
     out = CliRunner().invoke(cli, ["--mlflow-uri", s.tracking_uri, "report"], env=env)
     assert out.exit_code == 0, out.output
     page = s.home / "reports" / "report.html"
     text = page.read_text()
     assert all(title in text for title in SECTIONS)
+    assert "Evaluation: eval/eval-1.json" in text and "gold_passage" in text
     assert "v1 (live)" in text and "<b>1</b>rollbacks" in text and "invalid_json" in text
     assert not re.search(r"<script|(src|href)=[\"']?https?:", text)  # self-contained, offline
 
