@@ -84,7 +84,14 @@ WORDS = (
     "school church power years period empire film age energy number series region east "
     "million group law court part including about west north south general history"
 ).split()
-VERSIONED_PACKAGES = ("torch", "apache-beam", "qdrant-client", "mlflow", "pyarrow")
+VERSIONED_PACKAGES = (
+    "torch",
+    "apache-beam",
+    "qdrant-client",
+    "qdrant-edge-py",
+    "mlflow",
+    "pyarrow",
+)
 PUBLISH_PARTS = [
     "reserve version",
     "write points",
@@ -223,11 +230,17 @@ class Synth:
 
 
 # --- the measurements --------------------------------------------------------------------------
-def bench_settings(home: Path, qdrant_url: str | None) -> Settings:
+def bench_settings(home: Path, qdrant_url: str | None, embedded: str = "edge") -> Settings:
     """A fresh memory under ``home``; storage set explicitly, so ``KNOWSTREAM_*`` can't redirect."""
     from knowstream.settings import Settings
 
-    return Settings(home=home, qdrant_url=qdrant_url, qdrant_path=None, mlflow_uri=None)
+    return Settings(
+        home=home,
+        qdrant_url=qdrant_url,
+        qdrant_path=None,
+        mlflow_uri=None,
+        qdrant_embedded=embedded,
+    )
 
 
 def publish(
@@ -442,7 +455,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--replace", type=float, default=0.5, help="fraction of the batch replacing")
     ap.add_argument("--build-batch", type=int, default=1000, help="docs per version when growing")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--qdrant-url", help="a Qdrant server instead of local mode")
+    ap.add_argument("--qdrant-url", help="a Qdrant server instead of the embedded store")
+    ap.add_argument(
+        "--embedded", choices=["edge", "local"], default="edge", help="embedded backend"
+    )
     ap.add_argument("--home", type=Path, help="state folder, new or empty (default: fresh temp)")
     ap.add_argument("--keep", action="store_true", help="keep a temporary --home afterwards")
     ap.add_argument("--out", type=Path, help="JSON results (default: bench/results/publish.json)")
@@ -464,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     from knowstream.connectors.qdrant import close_clients
     from knowstream.memory import Memory
 
-    settings = bench_settings(home, args.qdrant_url)
+    settings = bench_settings(home, args.qdrant_url, args.embedded)
     started = datetime.now(UTC)
     load_before = os.getloadavg()
     memory = Memory(settings)
@@ -489,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         close_clients()
     result = {
         **run_header("publish", started, load_before, VERSIONED_PACKAGES),
-        "qdrant": args.qdrant_url or "local mode",
+        "qdrant": args.qdrant_url or {"edge": "qdrant-edge", "local": "local mode"}[args.embedded],
         "batch": args.batch,
         "repeats": args.repeats,
         "build_batch": args.build_batch,

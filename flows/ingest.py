@@ -144,6 +144,9 @@ def ingest_flow(
                 send_dead_letters(settings, report.dead_letters)
             consumer.commit(records)
             report.lag = consumer.backlog()
+            # Compaction and retention, as configured; after the commit: the batch is done.
+            if report.version is not None and (done := memory.maintain()):
+                log.info("after version %s: %s", report.version, done)
             return report
         except BaseException:
             dirty = True

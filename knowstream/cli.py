@@ -296,6 +296,47 @@ def rollback(ctx: typer.Context, version: int) -> None:
     console.print(f"rolled back: live -> version {version}")
 
 
+@app.command()
+def compact(
+    ctx: typer.Context,
+    version: Annotated[int | None, typer.Argument(help="Default: live.")] = None,
+) -> None:
+    """Fold VERSION's line into a new root version with the same content (live follows)."""
+    s = _settings(ctx)
+    if url := _server(s):
+        root = _api(s, url, "POST", "/admin/compact", {"version": version})["version"]
+    else:
+        from knowstream.memory import Memory
+
+        with _store():
+            root = Memory(s).compact(version).version
+    console.print(f"compacted into version {root}")
+
+
+@app.command()
+def retain(
+    ctx: typer.Context,
+    keep_last: Annotated[int, typer.Option(help="Keep the last N published versions.")],
+    live_days: Annotated[
+        float, typer.Option(help="Keep every version live pointed to in the last D days.")
+    ] = 7.0,
+) -> None:
+    """Retire the versions the policy no longer keeps and free their points."""
+    s = _settings(ctx)
+    if url := _server(s):
+        body = {"keep_last": keep_last, "live_days": live_days}
+        retired = _api(s, url, "POST", "/admin/retain", body)["retired"]
+    else:
+        from knowstream.memory import Memory
+
+        try:
+            with _store():
+                retired = Memory(s).retain(keep_last, live_days)
+        except ValueError as e:
+            _fail(str(e))
+    console.print(f"retired {len(retired)} versions: {retired}" if retired else "retired nothing")
+
+
 def _move_live(s: Settings, version: int, path: str) -> None:
     """Through the server when one runs (it serves the new version at once), else
     straight to the registry: moving an alias needs no Prefect run and no store."""

@@ -22,13 +22,15 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 from knowstream.connectors.mlflow import Registry, VersionInfo
 from knowstream.connectors.qdrant import (
     Store,
     VersionView,
+    fold_version,
+    free_version,
     open_store,
     purge_version,
     visible,
@@ -274,6 +276,79 @@ class Memory:
                 raise PublishError(f"verify: deleted {d['doc_id']} still visible at {version}")
         # Modulation.from_row checks every stored entry against its checksum.
         view.modulations_of(held)
+
+    # --- costs that follow the batch ------------------------------------------------
+    def compact(self, version: int | None = None) -> VersionInfo:
+        """Fold ``version`` (default: live) into a new root version with the same
+        content (the same digest, up to a store's renormalization of vectors by an
+        ulp); live moves to it if it pointed at ``version``.
+
+        Why: a version's filter lists its whole lineage, so reads and publishes
+        slow down as a line grows. Versions built on the root list only it and
+        theirs. Costs O(memory), once; the old line stays readable until retired.
+        """
+        with self._publish_lock():
+            source = self.resolve(version)
+            info = self.registry.get(source)
+            root, run_id = self.registry.reserve(None, "compact")
+            try:
+                written = fold_version(self.store, self.registry.lineage(source), root)
+                if written != self.store.count(visible(self.registry.lineage(source))):
+                    raise PublishError(f"compact: version {root} lacks points of {source}")
+                manifest = SnapshotManifest(
+                    version=root,
+                    parent=None,
+                    created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                    kind="compact",
+                    offsets=[OffsetRange(**o) for o in json.loads(info.tags.get("offsets", "[]"))],
+                    counts=json.loads(info.tags.get("counts", "{}")),
+                    model_versions=json.loads(info.tags.get("model_versions", "{}")),
+                    checksums={"content": VersionView(self.store, [root]).digest()},
+                )
+                self.registry.log_artifacts(run_id, [], manifest)
+                self.registry.publish(root, run_id, manifest)
+            except BaseException as e:
+                try:
+                    purge_version(self.store, root)
+                    self.registry.abandon(root)
+                except Exception:
+                    pass
+                if isinstance(e, Exception) and not isinstance(e, PublishError):
+                    raise PublishError(f"compacting version {source} failed: {e}") from e
+                raise
+            if self.registry.live() == source:
+                self.registry.set_live(root)
+            return self.registry.get(root)
+
+    def retain(self, keep_last: int, live_days: float) -> list[int]:
+        """Retire the published versions that neither the last ``keep_last`` nor any
+        version ``live`` pointed to in the last ``live_days`` days needs (as itself
+        or as an ancestor), and free their points. Returns the retired versions."""
+        if keep_last < 1:
+            raise ValueError("keep at least the last version")
+        with self._publish_lock():
+            versions = self.registry.versions()
+            published = [v.version for v in versions if v.state == "published"]
+            cutoff = datetime.now(UTC) - timedelta(days=live_days)
+            keep = {*published[-keep_last:], *self.registry.live_since(cutoff)}
+            keep |= {v.version for v in versions if v.state == "pending"}  # their parents
+            needed = {a for v in keep for a in self.registry.lineage(v)}
+            retired = [v for v in published if v not in needed]
+            for v in retired:
+                free_version(self.store, v)
+                self.registry.retire(v)
+            return retired
+
+    def maintain(self) -> dict[str, object]:
+        """What ingest runs after a publish: compaction and retention, as configured."""
+        done: dict[str, object] = {}
+        s, live = self.settings, self.registry.live()
+        if s.compact_after and live is not None:
+            if len(self.registry.lineage(live)) > s.compact_after:
+                done["compacted"] = self.compact(live).version
+        if s.retain_last:
+            done["retired"] = self.retain(s.retain_last, s.retain_live_days)
+        return done
 
     def set_live(self, version: int) -> None:
         self.registry.set_live(version)

@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     # "local" (qdrant-client's local mode: scans; the tests' stand-in for a server)
     qdrant_embedded: Literal["edge", "local"] = "edge"
     collection: str = "knowstream"  # one collection holds every version
+    # Costs that follow the batch (applied by ingest after each publish, and by the
+    # `compact` and `retain` commands): fold live's line into a new root once it is
+    # longer than this many versions (None: never), and retire what the policy
+    # "the last N published versions and every version live pointed to in the last
+    # D days" no longer keeps, freeing its points (None: keep everything).
+    compact_after: int | None = None
+    retain_last: int | None = None
+    retain_live_days: float = 7.0
 
     # --- MLflow -------------------------------------------------------------------
     mlflow_uri: str | None = None  # tracking server; None = sqlite:///<home>/mlflow.db

@@ -8,7 +8,8 @@
 - ``GET /snapshots``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
 - ``POST /admin/live``: point ``live`` at a published version (promote);
   ``POST /admin/rollback``: the same, only backwards; ``POST /admin/backfill``: a
-  backfill run inside the server; ``GET /admin/status``: live version and the
+  backfill run inside the server; ``POST /admin/compact``, ``POST /admin/retain``:
+  compaction and retention; ``GET /admin/status``: live version and the
   ingest worker's health. The CLI uses these while the server holds the store
   (see ``serving/client.py``).
 
@@ -81,6 +82,15 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         for e in exc.errors()[:10]
     ]
     return JSONResponse(status_code=422, content={"detail": detail})
+
+
+class CompactRequest(BaseModel):
+    version: int | None = None  # default: live
+
+
+class RetainRequest(BaseModel):
+    keep_last: int = Field(ge=1)
+    live_days: float = Field(ge=0)
 
 
 class BackfillRequest(BaseModel):
@@ -275,6 +285,21 @@ def create_app(
         except (ValueError, KeyError) as e:
             raise HTTPException(409, str(e)) from None
         return {"live": live.refresh()}
+
+    @app.post("/admin/compact", dependencies=[Depends(authorized)])
+    def compact(req: CompactRequest) -> dict:
+        try:
+            root = memory.compact(req.version)
+        except (ValueError, LookupError) as e:
+            raise HTTPException(409, str(e)) from None
+        return {"version": root.version, "live": live.refresh()}
+
+    @app.post("/admin/retain", dependencies=[Depends(authorized)])
+    def retain(req: RetainRequest) -> dict:
+        try:
+            return {"retired": memory.retain(req.keep_last, req.live_days)}
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from None
 
     @app.get("/admin/status", dependencies=[Depends(authorized)])
     def status() -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bench.publish import Synth
@@ -20,6 +21,7 @@ from knowstream.connectors.qdrant import (
     close_clients,
     open_store,
     purge_version,
+    visible,
     write_version,
 )
 from knowstream.connectors.qdrant._client import INDEXED
@@ -142,3 +144,84 @@ def test_edge_indexes_every_filtered_field(tmp_path):
         assert set(INDEXED) <= set(store._shard.info().payload_schema)
     finally:
         close_clients()
+
+
+def line_of_versions(memory: Memory, synth: Synth, n: int) -> list[int]:
+    """``n`` versions on one line: a start, then replacements, a new doc and a delete."""
+    versions = [publish(memory, synth.batch(["a", "b", "c"]), None)]
+    for i in range(1, n):
+        batch = deletes(["c"], synth.clock) if i == 2 else synth.batch(["a", f"n{i}"])
+        versions.append(publish(memory, batch, versions[-1]))
+    return versions
+
+
+def same_content(memory: Memory, a: int, b: int) -> bool:
+    """Versions a and b serve the same points: payloads equal, vectors to 1e-6."""
+
+    def content(version: int) -> dict:
+        out = {}
+        lineage = memory.registry.lineage(version)
+        for p in memory.store.scroll(visible(lineage), with_vectors=True):
+            payload = {k: v for k, v in p.payload.items() if k not in ("version_from", "closed_in")}
+            key = (payload["kind"], payload.get("chunk_id") or payload["doc_id"])
+            out[key] = (payload, p.vector)
+        return out
+
+    ca, cb = content(a), content(b)
+    return ca.keys() == cb.keys() and all(
+        ca[k][0] == cb[k][0]
+        and (ca[k][1] is cb[k][1] or np.allclose(ca[k][1], cb[k][1], rtol=0, atol=1e-6))
+        for k in ca
+    )
+
+
+def test_compaction_folds_a_line_into_a_root_with_the_same_digest(memory, tmp_path):
+    synth = Synth(4, tmp_path / "staging")
+    line = line_of_versions(memory, synth, 4)
+    digests = {v: memory.view(v).digest() for v in line}
+    root = memory.compact()  # live: the end of the line
+    assert root.parent is None and root.kind == "compact"
+    assert memory.registry.live() == root.version
+    assert memory.registry.lineage(root.version) == [root.version]
+    assert same_content(memory, root.version, line[-1])
+    if memory.settings.qdrant_embedded == "edge":  # local mode renormalizes vectors by an ulp
+        assert memory.view(root.version).digest() == digests[line[-1]]
+    assert memory.view(root.version).docs(kind="tombstone").keys() == {"c"}
+    # The old line is untouched and readable until retired.
+    assert {v: memory.view(v).digest() for v in line} == digests
+    after = publish(memory, synth.batch(["b"]), root.version)
+    assert memory.registry.lineage(after) == [after, root.version]
+    assert sorted(memory.view(after).docs()) == sorted(memory.view(line[-1]).docs())
+
+
+def test_retention_retires_what_no_kept_version_needs_and_frees_its_points(memory, tmp_path):
+    synth = Synth(5, tmp_path / "staging")
+    line = line_of_versions(memory, synth, 4)
+    root = memory.compact().version
+    after = publish(memory, synth.batch(["b"]), root)
+    kept = {v: memory.view(v).digest() for v in (root, after)}
+    # Everything was live within the last day: a 1-day policy keeps it all.
+    assert memory.retain(keep_last=1, live_days=1) == []
+    # Keep the last 2 and what was live in the last 0 days (live itself): the old line goes.
+    assert memory.retain(keep_last=2, live_days=0) == line
+    assert memory.store.count(Filter({"version_from": line})) == 0
+    assert memory.store.count() == memory.store.count(Filter({"version_from": [root, after]}))
+    assert {v: memory.view(v).digest() for v in (root, after)} == kept
+    with pytest.raises(LookupError, match="retired"):
+        memory.view(line[0])
+    assert {r["version"]: r["state"] for r in memory.history()}[line[0]] == "retired"
+
+
+def test_maintain_applies_the_configured_policy(memory, tmp_path):
+    memory.settings = memory.settings.model_copy(
+        update={"compact_after": 3, "retain_last": 1, "retain_live_days": 0}
+    )
+    synth = Synth(6, tmp_path / "staging")
+    line = line_of_versions(memory, synth, 3)
+    # A line of 3 is not longer than 3, and the last version needs all of it.
+    assert memory.maintain() == {"retired": []}
+    line.append(publish(memory, synth.batch(["a"]), line[-1]))
+    done = memory.maintain()
+    root = memory.registry.live()
+    assert done == {"compacted": root, "retired": line}  # the root needs none of them
+    assert memory.registry.lineage(root) == [root]

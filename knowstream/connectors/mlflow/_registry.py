@@ -11,6 +11,8 @@ A version goes through two states, kept in its ``state`` tag:
   no published version has it in its lineage.
 - ``published``: all data written and the manifest's checksums verified; from
   now on immutable. Only published versions can be made live.
+- ``retired``: dropped by the retention policy (``Memory.retain``); its points
+  are freed and it can no longer be read.
 
 A version still ``pending`` whose writer died is ``abandoned`` by the next
 writer, after its data is purged (see ``knowstream.memory.recover``).
@@ -92,6 +94,7 @@ class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.name = settings.memory_model
+        self._lineages: dict[int, list[int]] = {}
         if not settings.mlflow_uri:
             settings.home.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(settings.tracking_uri)
@@ -207,16 +210,36 @@ class Registry:
             raise
 
     def lineage(self, version: int) -> list[int]:
-        """The version and all its ancestors, newest first."""
-        by_version = {v.version: v for v in self.versions()}
+        """The version and all its ancestors, newest first.
+
+        A version's parent is set when it is reserved and never changes, so lineages
+        are cached: a new version costs one lookup, whatever the history's length.
+        """
         chain: list[int] = []
         current: int | None = version
-        while current is not None:
-            if current not in by_version:
-                raise KeyError(f"no memory version {current}")
+        while current is not None and current not in self._lineages:
             chain.append(current)
-            current = by_version[current].parent
-        return chain
+            current = self.get(current).parent  # KeyError for a missing version
+        if current is not None:
+            chain += self._lineages[current]
+        self._lineages[version] = chain
+        return list(chain)
+
+    def live_since(self, cutoff: datetime) -> set[int]:
+        """Versions that ``live`` pointed to at some time after ``cutoff`` (and live now)."""
+        moves = sorted(
+            (datetime.fromisoformat(stamp), v.version)
+            for v in self.versions()
+            for stamp in v.tags.get("live_at", "").split(",")
+            if stamp
+        )
+        kept = {v for (_, v), (until, _) in zip(moves, moves[1:], strict=False) if until > cutoff}
+        live = self.live()
+        return kept | ({live} if live is not None else set())
+
+    def retire(self, version: int) -> None:
+        """Mark a version retired: its points are gone, it can no longer be read."""
+        self.client.set_model_version_tag(self.name, str(version), "state", "retired")
 
     def manifest(self, version: int) -> SnapshotManifest:
         info = self.get(version)

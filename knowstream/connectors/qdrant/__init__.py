@@ -10,7 +10,12 @@ from knowstream.connectors.qdrant._client import (
     visible,
 )
 from knowstream.connectors.qdrant._source import Hit, VersionView
-from knowstream.connectors.qdrant._target import purge_version, write_version
+from knowstream.connectors.qdrant._target import (
+    fold_version,
+    free_version,
+    purge_version,
+    write_version,
+)
 
 __all__ = [
     "Filter",
@@ -20,6 +25,8 @@ __all__ = [
     "StoreHeld",
     "VersionView",
     "close_clients",
+    "fold_version",
+    "free_version",
     "open_store",
     "purge_version",
     "visible",

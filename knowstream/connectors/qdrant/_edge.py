@@ -107,6 +107,11 @@ class EdgeStore:
             points, offset = self._shard.scroll(request)
         return [_record(p) for p in points], offset
 
+    def retrieve(self, ids: list[str]) -> list[Record]:
+        with self._lock:
+            points = self._shard.retrieve(list(ids), with_payload=True, with_vector=True)
+        return [_record(p) for p in points]
+
     def search(self, vector: Sequence[float], flt: Filter, k: int) -> list[Record]:
         request = qe.QueryRequest(
             limit=k,

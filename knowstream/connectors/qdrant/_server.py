@@ -111,6 +111,13 @@ class ClientStore:
             )
         return [_record(p) for p in points], offset
 
+    def retrieve(self, ids: list[str]) -> list[Record]:
+        with self._lock:
+            points = self.client.retrieve(
+                self.collection, list(ids), with_payload=True, with_vectors=True
+            )
+        return [_record(p) for p in points]
+
     def search(self, vector: Sequence[float], flt: Filter, k: int) -> list[Record]:
         with self._lock:
             res = self.client.query_points(

@@ -162,3 +162,50 @@ def purge_version(store: Store, version: int) -> None:
         groups[tuple(v for v in p.payload["closed_in"] if v != version)].append(p.id)
     for closed_in, ids in groups.items():
         store.set_payload(ids, {"closed_in": list(closed_in)})
+
+
+def fold_version(store: Store, lineage: Sequence[int], version: int) -> int:
+    """Copy every point that ``lineage`` sees into ``version``, a new root: the same
+    payloads and vectors, ``version_from=version``, nothing closed. Each page of
+    copies is read back and compared before the next (payloads exactly, vectors
+    to 1e-6: a store may renormalize a unit vector by an ulp). Returns the points
+    written. The source is never changed (the copies fall outside its filter)."""
+    written = 0
+    for page in _pages(store.scroll(visible(lineage), with_vectors=True), UPSERT_BATCH):
+        copies = []
+        for p in page:
+            kind, doc_id = p.payload["kind"], p.payload["doc_id"]
+            index = p.payload["index"] if kind == "chunk" else 0
+            chash = "" if kind == "tombstone" else p.payload["content_hash"]
+            payload = {**p.payload, "version_from": version, "closed_in": []}
+            copies.append(Record(point_id(kind, doc_id, index, chash, version), payload, p.vector))
+        store.upsert(copies)
+        got = {r.id: r for r in store.retrieve([c.id for c in copies])}
+        for c in copies:
+            r = got.get(c.id)
+            if r is None or r.payload != c.payload or not _same_vector(r.vector, c.vector):
+                raise ValueError(f"fold: point {c.id} of version {version} reads back wrong")
+        written += len(copies)
+    return written
+
+
+def _pages(points, size: int):
+    page = []
+    for p in points:
+        page.append(p)
+        if len(page) == size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _same_vector(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and float(np.max(np.abs(np.subtract(a, b)))) < 1e-6
+
+
+def free_version(store: Store, version: int) -> None:
+    """Delete the points a retired version wrote (no kept version sees them)."""
+    store.delete(Filter(must={"version_from": [version]}))
