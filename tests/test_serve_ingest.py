@@ -3,9 +3,9 @@
 One process holds the embedded store and runs the API and the continuous ingest
 worker; this test produces updates to the broker and checks that ``/ask`` follows
 each new version and a rollback without a restart, that ``status``, ``snapshots``,
-``ask``, ``promote``, ``rollback`` and ``backfill`` from other processes go
-through its API, and that a process that tries to open the store itself gets
-the one clear line. Waits are hang guards, not timing assertions.
+``ask``, ``promote``, ``rollback``, ``backfill``, ``compact`` and ``retain`` from
+other processes go through its API, and that a process that tries to open the
+store itself gets the one clear line. Waits are hang guards, not timing assertions.
 """
 
 from __future__ import annotations
@@ -164,6 +164,13 @@ def test_serve_ingest_is_operated_from_other_processes(served, tmp_path):
     produce_file(settings, write_jsonl(tmp_path / "v4.jsonl", [later]))
     wait_for("version 4", lambda: live() == 4, server)
     assert ask()["version"] == 4
+
+    # Compaction and retention through the API: live moves to the root, the rest is freed.
+    assert "compacted into version 5" in cli(env, "compact").stdout
+    assert live() == 5 and any("27–23" in e["text"] for e in ask()["evidence"])
+    retained = cli(env, "retain", "--keep-last", "1", "--live-days", "0").stdout
+    assert "retired 4 versions: [1, 2, 3, 4]" in retained
+    assert ask(2) == {} and ask()["version"] == 5
 
     server.send_signal(signal.SIGINT)
     assert server.wait(120) == 0
