@@ -1,4 +1,13 @@
-"""Scheduled backfills: a Prefect deployment of the backfill flow on a cron.
+"""Backfills as Prefect deployments: on demand on a process work pool, or on a cron.
+
+    knowstream up --with-prefect-server --workers 2   # server + 2 workers on pool "knowstream"
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    knowstream deploy --pool knowstream                # the "backfill" deployment on the pool
+    prefect deployment run backfill/backfill -p base=none   # a worker runs it
+
+With ``--pool`` the deployment runs on the pool's workers (``deploy_backfill``): each
+run is a subprocess of a worker, built from this installation's ``flows/backfill.py``.
+Without it, a cron deployment is served from this process:
 
     knowstream up --with-prefect-server
     export PREFECT_API_URL=http://127.0.0.1:4200/api
@@ -12,11 +21,36 @@ Schedules only run against a Prefect server, never the ephemeral local API.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect.deployments.runner import RunnerDeployment
 
 from knowstream.flows.backfill import backfill_flow
 
 DEPLOYMENT = "scheduled-backfill"
+POOL_DEPLOYMENT = "backfill"
+
+
+def deploy_backfill(
+    pool: str, *, one_at_a_time: bool, cron: str | None = None, parameters: dict | None = None
+) -> str:
+    """Register the backfill flow as deployment ``backfill`` on work pool ``pool``; returns
+    its id. ``one_at_a_time``: runs wait for each other (the embedded Qdrant stores lock
+    their folder to one process; a Qdrant server needs no such limit). ``parameters``:
+    the backfill's defaults, which each run may override."""
+    source = Path(__file__).parent  # the installed flows/ folder: workers run the same code
+    flow = backfill_flow.from_source(source=str(source), entrypoint="backfill.py:backfill_flow")
+    return str(
+        flow.deploy(
+            name=POOL_DEPLOYMENT,
+            work_pool_name=pool,
+            cron=cron,
+            concurrency_limit=1 if one_at_a_time else None,
+            parameters=parameters or {"base": "none", "promote": False},
+            description="Replay a range of the document topic into a side line of versions.",
+            print_next_steps=False,
+        )
+    )
 
 
 def backfill_deployment(

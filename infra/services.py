@@ -63,7 +63,12 @@ _MARKERS = {
     "mlflow": "mlflow",
     "beam-job": "local_job_service_main",
     "beam-pool": "beam_pool",
+    "prefect-worker": "worker",  # prefect-worker-<i>
 }
+
+
+def _marker(name: str) -> str:
+    return _MARKERS[name.rstrip("0123456789").rstrip("-")]
 
 
 class ServiceError(RuntimeError):
@@ -306,7 +311,57 @@ def start_prefect_server(settings: Settings, port: int = 4200, timeout_s: float 
 
 
 def stop_prefect_server(settings: Settings) -> None:
+    stop_prefect_workers(settings)
     _stop(settings, "prefect")
+
+
+WORK_POOL = "knowstream"  # the process work pool that `up --workers N` serves
+
+# What a worker passes on to the flow runs it starts: the settings `up` was given.
+_WORKER_SETTINGS = ("home", "bootstrap_servers", "topic", "qdrant_url", "mlflow_uri", "staging")
+
+
+def start_prefect_workers(
+    settings: Settings, api_url: str, n: int, pool: str = WORK_POOL, timeout_s: float = 90.0
+) -> list[str]:
+    """Create the process work pool ``pool`` and start ``n`` workers polling it; returns
+    their names. Each takes one flow run at a time (``--limit 1``): without a limit, the
+    first worker to poll takes every queued run. Flow runs are subprocesses of a worker
+    and build their ``Settings`` from the ``KNOWSTREAM_*`` environment it passes on.
+    """
+    prefect = str(_venv_executable("prefect"))
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    for field in _WORKER_SETTINGS:
+        if (value := getattr(settings, field)) is not None:
+            env[f"KNOWSTREAM_{field.upper()}"] = str(
+                Path(value).resolve() if field == "home" else value
+            )
+    created = subprocess.run(
+        [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if created.returncode != 0:
+        raise ServiceError(f"could not create work pool {pool}: {created.stdout}{created.stderr}")
+    names = []
+    for i in range(n):
+        name, worker = f"prefect-worker-{i}", f"knowstream-{i}"
+        names.append(worker)
+        if _running_pid(settings, name) is not None:
+            continue
+        argv = [prefect, "worker", "start", "--pool", pool, "--limit", "1", "--name", worker]
+        pid = _spawn(settings, name, argv, env, api_url)
+        _wait_ready(
+            settings, name, pid, timeout_s, lambda n=name: "started" in _log_tail(settings, n)
+        )
+    return names
+
+
+def stop_prefect_workers(settings: Settings) -> None:
+    # Prefect workers ignore SIGTERM; SIGINT stops them (and their flow runs).
+    for pid_file in sorted(settings.run_dir.glob("prefect-worker-*.pid")):
+        _stop(settings, pid_file.stem, signal.SIGINT)
 
 
 def start_mlflow_server(settings: Settings, port: int = 5000, timeout_s: float = 90.0) -> str:
@@ -473,9 +528,9 @@ def _wait_ready(
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
-        exited = not _alive(pid, _MARKERS[name])
+        exited = not _alive(pid, _marker(name))
         if exited or time.monotonic() > deadline:
-            _terminate(pid, _MARKERS[name])  # and any children it left behind
+            _terminate(pid, _marker(name))  # and any children it left behind
             _forget(settings, name)
             what = "exited during startup" if exited else f"not ready after {timeout_s:.0f} s"
             tail = _log_tail(settings, name)
@@ -483,19 +538,21 @@ def _wait_ready(
         time.sleep(0.2)
 
 
-def _stop(settings: Settings, name: str) -> None:
+def _stop(settings: Settings, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
     pid = _running_pid(settings, name)
     if pid is not None:
-        _terminate(pid, _MARKERS[name])
+        _terminate(pid, _marker(name), sig)
     _forget(settings, name)
 
 
-def _terminate(pid: int, marker: str, timeout_s: float = 15.0) -> None:
-    # SIGTERM to the process group first so servers can close their stores. Then
-    # SIGKILL whatever is left of the group, even when the leader exited in time:
-    # MLflow's job runners can outlive it and would keep the port.
+def _terminate(
+    pid: int, marker: str, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 15.0
+) -> None:
+    # SIGTERM (Prefect workers: SIGINT) to the process group first so servers can close
+    # their stores. Then SIGKILL whatever is left of the group, even when the leader exited
+    # in time: MLflow's job runners can outlive it and would keep the port.
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     deadline = time.monotonic() + timeout_s
     while _alive(pid, marker) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -514,7 +571,7 @@ def _running_pid(settings: Settings, name: str) -> int | None:
         pid = int(_path(settings, name, "pid").read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if _alive(pid, _MARKERS[name]) else None
+    return pid if _alive(pid, _marker(name)) else None
 
 
 def _alive(pid: int, marker: str) -> bool:

@@ -107,6 +107,9 @@ def up(
     ] = False,
     beam_job_port: Annotated[int, typer.Option(help="Port of Beam's job service.")] = 8099,
     beam_pool_port: Annotated[int, typer.Option(help="Port of the SDK worker pool.")] = 50000,
+    workers: Annotated[
+        int, typer.Option(help="Prefect workers on the 'knowstream' process work pool.")
+    ] = 0,
 ) -> None:
     """Start the local broker (and optional servers) on loopback."""
     from knowstream.infra import services
@@ -128,6 +131,10 @@ def up(
         with console.status("starting the Prefect server..."):
             url = services.start_prefect_server(s)
         console.print(f"prefect server ready: export PREFECT_API_URL={url}")
+        if workers:
+            with console.status(f"starting {workers} Prefect workers..."):
+                names = services.start_prefect_workers(s, url, workers)
+            console.print(f"workers {', '.join(names)} poll work pool {services.WORK_POOL}")
     if with_mlflow_server:
         with console.status("starting the MLflow server..."):
             url = services.start_mlflow_server(s)
@@ -357,14 +364,27 @@ def _move_live(s: Settings, version: int, path: str) -> None:
 
 @app.command()
 def deploy(
-    cron: Annotated[str, typer.Option(help="When to run, e.g. '0 3 * * *'.")],
+    ctx: typer.Context,
+    cron: Annotated[str | None, typer.Option(help="When to run, e.g. '0 3 * * *'.")] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="Deploy to this work pool (see `up --workers`).")
+    ] = None,
     base: Annotated[str, typer.Option(help="'live', 'none' or a version number.")] = "none",
     amortizer: Annotated[str | None, typer.Option(help="Amortizer checkpoint.")] = None,
     promote: Annotated[bool, typer.Option(help="Make each result live.")] = False,
 ) -> None:
-    """Serve the backfill flow on a cron against a Prefect server (PREFECT_API_URL)."""
-    from knowstream.flows.deploy import backfill_deployment, serve
+    """Deploy the backfill flow to a work pool (--pool), or serve it on a cron from this
+    process, against a Prefect server (PREFECT_API_URL)."""
+    from knowstream.flows.deploy import backfill_deployment, deploy_backfill, serve
 
+    if pool:
+        one_at_a_time = _settings(ctx).qdrant_url is None  # embedded stores: one process
+        parameters = {"base": base, "amortizer": amortizer, "promote": promote}
+        deploy_backfill(pool, one_at_a_time=one_at_a_time, cron=cron, parameters=parameters)
+        console.print(f"deployment backfill/backfill on work pool {pool}")
+        return
+    if cron is None:
+        raise typer.BadParameter("give --cron, --pool or both")
     serve(backfill_deployment(cron, base=base, amortizer=amortizer, promote=promote))
 
 

@@ -1,0 +1,97 @@
+"""Backfills as deployments on a Prefect process work pool: a real ``prefect server`` and
+two ``prefect worker`` processes (what ``knowstream up --with-prefect-server --workers 2``
+starts). Live stays where ingest put it until ``promote``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from typer.testing import CliRunner
+
+from knowstream.cli import app
+from knowstream.connectors.kafka import produce_file
+from knowstream.connectors.qdrant import close_clients
+from knowstream.flows.deploy import POOL_DEPLOYMENT, deploy_backfill
+from knowstream.flows.ingest import ingest_flow
+from knowstream.infra.services import (
+    WORK_POOL,
+    start_prefect_server,
+    start_prefect_workers,
+    stop_prefect_server,
+)
+from knowstream.memory import Memory
+from tests.fixtures_broker import free_port
+
+SAMPLE = Path(__file__).parent.parent / "data" / "sample" / "stream.jsonl"
+
+
+async def _wait_final(run_ids: list, timeout_s: float = 400.0) -> list:
+    async with get_client() as client:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            runs = [await client.read_flow_run(i) for i in run_ids]
+            if all(r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return runs
+            await asyncio.sleep(2)
+
+
+def test_two_backfills_finish_on_workers_and_live_waits_for_promote(
+    memory_settings, tmp_path, monkeypatch
+):
+    settings = memory_settings
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")  # workers log each run they submit
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(SAMPLE.read_text().splitlines()[:2]) + "\n")
+    produce_file(settings, events)
+    assert [r.version for r in ingest_flow(settings, once=True)] == [1]
+    close_clients()  # the embedded store admits one process: the flow runs' now
+
+    url = start_prefect_server(settings, port=free_port())
+    try:
+        workers = start_prefect_workers(settings, url, 2)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            deploy_backfill(WORK_POOL, one_at_a_time=True)
+            runs = [
+                run_deployment(
+                    f"backfill/{POOL_DEPLOYMENT}", parameters={"base": "none"}, timeout=0
+                )
+                for _ in range(2)
+            ]
+            done = asyncio.run(_wait_final([r.id for r in runs]))
+        logs = {
+            w: (settings.run_dir / f"prefect-worker-{i}.log").read_text()
+            for i, w in enumerate(workers)
+        }
+    finally:
+        stop_prefect_server(settings)  # its workers first, with SIGINT
+    assert [r.state.type.value for r in done] == ["COMPLETED", "COMPLETED"], logs
+    assert all(r.work_pool_name == WORK_POOL for r in done)
+    for run in done:  # each one was submitted by one of our workers
+        ran_on = [w for w, log in logs.items() if f"submitting flow run '{run.id}'" in log]
+        assert len(ran_on) == 1, logs
+    assert not list(settings.run_dir.glob("prefect-worker-*.pid"))  # SIGINT stopped them
+
+    memory = Memory(settings)
+    rows = [(r["version"], r["kind"], r["state"], r["parent"]) for r in memory.history()]
+    assert rows == [
+        (1, "ingest", "published", None),
+        (2, "backfill", "published", None),
+        (3, "backfill", "published", None),
+    ]
+    assert memory.registry.live() == 1  # the backfills left live alone
+    assert memory.view(2).digest() == memory.view(3).digest() == memory.view(1).digest()
+    close_clients()
+    promoted = CliRunner().invoke(
+        app,
+        ["--home", str(settings.home), "--bootstrap-servers", settings.bootstrap_servers]
+        + ["--topic", settings.topic, "promote", "3"],
+    )
+    assert promoted.exit_code == 0, promoted.output
+    close_clients()
+    assert Memory(settings).registry.live() == 3
+    close_clients()
