@@ -68,7 +68,7 @@ _MARKERS = {
 
 
 def _marker(name: str) -> str:
-    return _MARKERS[name.rstrip("0123456789").rstrip("-")]
+    return _MARKERS[name.split("-worker-")[0] + "-worker" if "-worker-" in name else name]
 
 
 class ServiceError(RuntimeError):
