@@ -26,9 +26,37 @@ from pathlib import Path
 from prefect.deployments.runner import RunnerDeployment
 
 from knowstream.flows.backfill import backfill_flow
+from knowstream.flows.ingest import ingest_flow
 
 DEPLOYMENT = "scheduled-backfill"
 POOL_DEPLOYMENT = "backfill"
+INGEST_DEPLOYMENT = "ingest"
+
+
+def deploy_ingest(pool: str, *, cron: str = "0 * * * *", window_s: float = 3540.0) -> str:
+    """Continuous ingest as one flow run per window: deployment ``ingest`` on ``pool``
+    starts a run on ``cron`` (hourly), which ingests continuously for ``window_s`` and
+    ends after the batch in progress; the next run resumes from the committed offsets.
+
+    Why windows: a week-long stream is ~168 flow runs, each with its batches as task runs
+    and artifacts, where one run per micro-batch would be tens of thousands of flow runs
+    and one endless run a single page of tens of thousands of task runs. A run that
+    overruns its hour makes the next one wait (``concurrency_limit=1``): never two
+    consumers of one memory.
+    """
+    source = Path(__file__).parent
+    flow = ingest_flow.from_source(source=str(source), entrypoint="ingest.py:ingest_flow")
+    return str(
+        flow.deploy(
+            name=INGEST_DEPLOYMENT,
+            work_pool_name=pool,
+            cron=cron,
+            concurrency_limit=1,
+            parameters={"once": False, "max_duration_s": window_s},
+            description="Continuous ingest, one flow run per window.",
+            print_next_steps=False,
+        )
+    )
 
 
 def deploy_backfill(

@@ -86,8 +86,11 @@ def ingest_flow(
     idle_sleep_s: float = 1.0,
     on_batch: Callable[[BatchReport], None] | None = None,
     stop: threading.Event | None = None,
+    max_duration_s: float | None = None,
 ) -> list[BatchReport]:
-    """``stop``: set it to end the loop after the current batch (``serve --ingest``)."""
+    """``stop``: set it to end the loop after the current batch (``serve --ingest``).
+    ``max_duration_s``: end after the batch in progress once this long has passed (one
+    window of the ``ingest`` deployment, ``flows/deploy.py``)."""
     settings = settings or Settings()
     log = get_run_logger()
     reports: list[BatchReport] = []
@@ -176,6 +179,10 @@ def ingest_flow(
         reraise=True,
     )
     stop = stop or threading.Event()
+    window = threading.Timer(max_duration_s, stop.set) if max_duration_s else None
+    if window:
+        window.daemon = True
+        window.start()
     write_health(settings, state="running", batches=0)
     try:
         while (max_batches is None or len(reports) < max_batches) and not stop.is_set():
@@ -203,6 +210,8 @@ def ingest_flow(
         write_health(settings, state="failed", batches=len(reports), last_error=repr(e))
         raise
     finally:
+        if window:
+            window.cancel()
         if consumer is not None:
             consumer.close()
     write_health(settings, state="stopped", batches=len(reports))

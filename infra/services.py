@@ -318,7 +318,16 @@ def stop_prefect_server(settings: Settings) -> None:
 WORK_POOL = "knowstream"  # the process work pool that `up --workers N` serves
 
 # What a worker passes on to the flow runs it starts: the settings `up` was given.
-_WORKER_SETTINGS = ("home", "bootstrap_servers", "topic", "qdrant_url", "mlflow_uri", "staging")
+_WORKER_SETTINGS = (
+    "home",
+    "bootstrap_servers",
+    "topic",
+    "group_id",
+    "qdrant_url",
+    "mlflow_uri",
+    "staging",
+    "s3_endpoint_url",
+)
 
 
 def start_prefect_workers(
