@@ -32,6 +32,7 @@ import contextlib
 import http.client
 import importlib.util
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -329,6 +330,7 @@ _WORKER_SETTINGS = (
     "mlflow_uri",
     "staging",
     "s3_endpoint_url",
+    "beam_args",
 )
 
 
@@ -344,9 +346,13 @@ def start_prefect_workers(
     env = {**os.environ, "PREFECT_API_URL": api_url}
     for field in _WORKER_SETTINGS:
         if (value := getattr(settings, field)) is not None:
-            env[f"KNOWSTREAM_{field.upper()}"] = str(
-                Path(value).resolve() if field == "home" else value
+            if field == "home":
+                value = Path(value).resolve()
+            env[f"KNOWSTREAM_{field.upper()}"] = (
+                json.dumps(value) if isinstance(value, list) else str(value)
             )
+    if local_s3_staging(settings) and _running_pid(settings, "s3") is not None:
+        env.update(s3_env(settings))  # the flow runs' Beam workers write the staging
     created = subprocess.run(
         [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"],
         env=env,
