@@ -639,7 +639,7 @@ def _require_loopback(host: str) -> None:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as exc:
         raise ServiceError(f"cannot resolve broker host {host!r}: {exc}") from exc
-    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+    if not all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses):
         raise ServiceError(
             f"refusing to start a local service on {host!r}: it is not a loopback "
             "address; use 127.0.0.1 (a remote broker is used as is, never started)"

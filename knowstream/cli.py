@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -43,7 +43,7 @@ def main(
         typer.Option(help="MLflow tracking URI; default: SQLite [KNOWSTREAM_MLFLOW_URI]."),
     ] = None,
 ) -> None:
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v
         for k, v in {
             "home": home,

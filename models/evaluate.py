@@ -222,7 +222,7 @@ def run_mode(
     name, k = parse_mode(mode)
     task = name.startswith("task_")
     name = name.removeprefix("task_")
-    wrong = None
+    wrong: list[list[str]] = []
     if name in ("mac_wrong", "mac+rag_wrong"):
         pool = sorted(allowed) if allowed is not None else None
         wrong = wrong_passages(records, ctx.seed, max(k, 1), pool)
@@ -352,7 +352,7 @@ def evaluate(
     needs_mac = any(m.startswith(("mac", "task_")) for m in [*modes, *retention_modes])
     if needs_mac and checkpoint is None:
         raise ValueError("MAC modes need a checkpoint")
-    mac = MAC.load(checkpoint, device) if needs_mac else None
+    mac = MAC.load(checkpoint, device) if needs_mac and checkpoint is not None else None
     if mac is not None and not mac.config.task_len:  # no task prompt: no task_ rows
         modes = [m for m in modes if not m.startswith("task_")]
     hits = None

@@ -169,7 +169,7 @@ def load_models(dev: str, lm_cache_dir: str = "", amp_dtype: str = "bfloat16", e
         lm = AutoModelForCausalLM.from_pretrained(
             g.parent, gguf_file=g.name, dtype=dtype, local_files_only=True
         )
-        lm = lm.to(dev).eval().requires_grad_(False)
+        lm = lm.to(dev).eval().requires_grad_(False)  # type: ignore[arg-type]  # wrapped .to()
         tokenizer = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name, local_files_only=True)
     if not encoder:
         return lm, tokenizer, None

@@ -74,7 +74,7 @@ def _convert(cache_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **local)
     # The weights are already de-quantized; without the GGUF quantizer (and its
     # entry in the config) the copy saves and reloads as a plain float model.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module's __setattr__ typing
     del model.config.quantization_config
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temp folder and rename it into place: a killed
@@ -113,7 +113,7 @@ def load_lm(
     if not _cache_is_valid(cache_dir):
         _convert(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype, local_files_only=True)
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(cache_dir, local_files_only=True)
     return model, tokenizer

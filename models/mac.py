@@ -246,8 +246,9 @@ class Amortizer(nn.Module):
             for j, w in enumerate(idx):
                 window_states[w] = states[j, mask[j]]  # without padding
         per_text: list[list[Tensor]] = [[] for _ in texts]
-        for w, states in enumerate(window_states):  # window order: a text's windows in order
-            per_text[owner[w]].append(states)
+        for w, window in enumerate(window_states):  # window order: a text's windows in order
+            assert window is not None  # every window was encoded above
+            per_text[owner[w]].append(window)
         docs = [torch.cat(parts) for parts in per_text]
         L = max(len(d) for d in docs)
         param = self.queries

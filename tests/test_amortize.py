@@ -22,6 +22,8 @@ from knowstream.pipelines.stages.amortize import Amortize
 from knowstream.schemas.event import DocumentEvent
 from knowstream.schemas.modulation import MODULATION_SCHEMA, Modulation
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 TEXTS = {
     "Super_Bowl_50_0": "Super Bowl 50 was an American football game played in 2016.",
     "Oxygen_0": "Oxygen is a chemical element with symbol O and atomic number 8.",

@@ -13,6 +13,8 @@ import pytest
 from bench import _common as common
 from bench import amortize as bench_amortize
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 
 def write_rows(path, rows):
     text = "".join(json.dumps(r) + "\n" for r in rows)

@@ -11,6 +11,8 @@ from transformers import AutoTokenizer
 
 from knowstream.models.chunking import Span, chunk_spans
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 SAMPLE_STREAM = Path(__file__).resolve().parents[1] / "data" / "sample" / "stream.jsonl"
 
 SUPER_BOWL = (

@@ -13,6 +13,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from knowstream.pipelines.stages.dedup import SKIPPED, Dedup, decide
 from knowstream.schemas.event import DocumentEvent
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 MODEL = "model-a"
 T1 = datetime(2016, 6, 1, tzinfo=UTC)
 T2 = datetime(2016, 7, 1, tzinfo=UTC)

@@ -19,6 +19,8 @@ from knowstream.pipelines.faults import Isolated
 from knowstream.pipelines.stages.embed import Embed
 from knowstream.schemas.chunk import CHUNK_SCHEMA, chunk_id
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 TEXTS = [
     "Super Bowl 50 was an American football game.",
     "The Denver Broncos defeated the Carolina Panthers 24–10.",

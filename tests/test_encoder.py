@@ -6,6 +6,8 @@ import torch
 
 from knowstream.models.encoder import TextEncoder, encoder_version, load_encoder
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 
 @pytest.fixture(scope="module")
 def encoder() -> TextEncoder:

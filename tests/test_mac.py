@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from knowstream.models.encoder import MAX_TOKENS, TextEncoder, load_encoder
 from knowstream.models.mac import MAC, MACConfig
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 C = MACConfig()
 T, D = C.n_tokens, C.d_lm
 

@@ -33,6 +33,8 @@ from knowstream.schemas.event import (
     parse_event,
 )
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 NOW = datetime(2024, 1, 1, tzinfo=UTC)  # "now" for every published_at check here
 MAX_TEXT = 1000  # max_text_chars for the catalog: small, so oversize cases stay cheap
 

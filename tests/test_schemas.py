@@ -15,6 +15,8 @@ from knowstream.schemas.chunk import ID_NAMESPACE, chunk_id
 from knowstream.schemas.manifest import MANIFEST_FORMAT, OffsetRange, SnapshotManifest
 from knowstream.schemas.modulation import MODULATION_SCHEMA, Modulation
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 # --- Modulation ---
 
 

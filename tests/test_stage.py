@@ -18,6 +18,8 @@ from knowstream.schemas.event import DocumentEvent, dead_letter
 from knowstream.schemas.modulation import Modulation
 from knowstream.schemas.staged import OUTPUTS, StagedBatch, read_staged
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 T = datetime(2016, 6, 1, 12, 30, 15, 123456, tzinfo=UTC)
 UPSERT = DocumentEvent(
     doc_id="Super_Bowl_50_0",

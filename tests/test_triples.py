@@ -13,6 +13,8 @@ from knowstream.pipelines.stages.triples import (
     load_nlp,
 )
 
+pytestmark = pytest.mark.fast  # needs no service: the `make test-fast` tier
+
 SUPER_BOWL_50_0 = (
     "Super Bowl 50 was an American football game to determine the champion of the National "
     "Football League (NFL) for the 2015 season. The American Football Conference (AFC) champion "

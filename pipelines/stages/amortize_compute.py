@@ -80,8 +80,8 @@ def amortize_batch(
     with torch.inference_mode():
         texts = [e.text for e in events]
         entries = mac.amortizer.amortize_texts(encoder, texts, window_batch, sort_by_length)
-    entries = entries.to(STORE_DTYPE).cpu().numpy()
+    stored = entries.to(STORE_DTYPE).cpu().numpy()
     return [
         Modulation.from_array(event.doc_id, event.content_hash, version, entry).to_row()
-        for event, entry in zip(events, entries, strict=True)
+        for event, entry in zip(events, stored, strict=True)
     ]

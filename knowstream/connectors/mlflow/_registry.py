@@ -317,6 +317,7 @@ def resolve_amortizer(settings: Settings, spec: str | None = None) -> ResolvedAm
             version = int(client.get_model_version_by_alias(name, alias).version)
         else:
             client.get_model_version(name, str(version))  # exists?
+        assert version is not None  # parse_registry_spec sets an alias or a version
         folder = amortizer_cache_dir(settings, name, version)
         if not _complete(folder):
             _download(settings, client.get_model_version_download_uri(name, str(version)), folder)
