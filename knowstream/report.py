@@ -241,7 +241,7 @@ def throughput_svg(batches: list[dict]) -> str:
 
 def dead_letters_svg(by_reason: dict[str, int]) -> str:
     fig, ax = _figure(7.5, 0.6 + 0.4 * len(by_reason))
-    reasons = sorted(by_reason, key=by_reason.get)
+    reasons = sorted(by_reason, key=lambda r: by_reason[r])
     ax.barh(reasons, [by_reason[r] for r in reasons], color=COLORS["rollback"])
     ax.set_xlabel("records")
     ax.xaxis.get_major_locator().set_params(integer=True)

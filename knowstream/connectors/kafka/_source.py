@@ -434,7 +434,7 @@ def dead_letter_summary(settings: Settings) -> dict:
         for r in consumer.scan(settings.dlq_topic, starts, {}, settings.poll_timeout_ms):
             messages += 1
             try:
-                body = json.loads(r.value)
+                body = json.loads(r.value or b"")  # a null value is unreadable too
                 src = body["source"]
                 key = (src["topic"], src["partition"], src["offset"])
                 reasons[key] = str(body.get("reason"))
