@@ -36,6 +36,7 @@ from knowstream.connectors.qdrant import (
     visible,
     write_version,
 )
+from knowstream.errors import VersionNotServable
 from knowstream.schemas.manifest import OffsetRange, SnapshotManifest
 from knowstream.schemas.staged import StagedBatch
 from knowstream.settings import Settings
@@ -95,11 +96,16 @@ class Memory:
         if version is None:
             live = self.registry.live()
             if live is None:
-                raise LookupError("no live memory version yet: ingest something first")
+                raise VersionNotServable(
+                    "no live memory version yet: ingest something first (`knowstream ingest`)"
+                )
             return live
         info = self.registry.get(version)
         if info.state != "published":
-            raise LookupError(f"memory version {version} is {info.state}, not published")
+            raise VersionNotServable(
+                f"memory version {version} is {info.state}, not published: "
+                "`knowstream snapshots` lists the published ones"
+            )
         return version
 
     def view(self, version: int | None = None) -> VersionView:

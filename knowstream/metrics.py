@@ -92,6 +92,11 @@ class Metrics:
         self._live_created_at = 0.0
         live_age.set_function(self._live_age)
         # --- serving --------------------------------------------------------------
+        self.live_refresh_failures = Counter(
+            "knowstream_live_refresh_failures",
+            "Failed reads of the live alias by the API server (it serves the last one read)",
+            registry=r,
+        )
         self.requests = Counter(
             "knowstream_http_requests",
             "HTTP requests by route and status code",

@@ -35,10 +35,11 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from prometheus_client import generate_latest
+from prometheus_client import Counter, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 
 from knowstream import metrics as metrics_module
+from knowstream.errors import AmortizerMismatch, VersionNotFound, VersionNotServable
 from knowstream.memory import Memory
 from knowstream.serving.client import remove_address, write_address
 from knowstream.serving.generate import answer, retrieve
@@ -132,11 +133,16 @@ class IngestWorker:
 
 
 class LiveVersion:
-    """The version ``live`` points at, refreshed in the background."""
+    """The version ``live`` points at, refreshed in the background.
 
-    def __init__(self, memory: Memory, interval_s: float) -> None:
-        self.memory, self.interval_s = memory, interval_s
+    A refresh that fails (registry unreachable) keeps the last version served; it is
+    logged and counted, and ``age_s`` (in /healthz) says how old the served view is.
+    """
+
+    def __init__(self, memory: Memory, interval_s: float, failures: Counter) -> None:
+        self.memory, self.interval_s, self.failures = memory, interval_s, failures
         self.current: int | None = memory.registry.live()
+        self.read_at = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="live-version", daemon=True)
 
@@ -148,14 +154,25 @@ class LiveVersion:
 
     def refresh(self) -> int | None:
         self.current = self.memory.registry.live()
+        self.read_at = time.monotonic()
         return self.current
+
+    def age_s(self) -> float:
+        """Seconds since ``live`` was last read successfully."""
+        return time.monotonic() - self.read_at
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.refresh()
-            except Exception:  # registry briefly unreachable: keep serving the last version
-                pass
+            except Exception as e:  # registry unreachable: keep serving the last version
+                self.failures.inc()
+                log.warning(
+                    "reading live failed, still serving version %s (read %.0f s ago): %s",
+                    self.current,
+                    self.age_s(),
+                    e,
+                )
 
 
 def create_app(
@@ -170,10 +187,9 @@ def create_app(
     ``ingest=True``). ``address``: the URL to publish in ``<home>/run/server.json``."""
     memory = Memory(settings)
     memory.open_store()  # a held store fails the start with its one line
-    live = LiveVersion(memory, poll_s)
-    token = settings.api_token.get_secret_value() if settings.api_token else None
-
     metrics = metrics or metrics_module.default()
+    live = LiveVersion(memory, poll_s, metrics.live_refresh_failures)
+    token = settings.api_token.get_secret_value() if settings.api_token else None
 
     def authorized(authorization: str | None = Header(default=None)) -> None:
         if token is None:
@@ -230,11 +246,11 @@ def create_app(
         try:
             # The embedded stores serialize their own calls (connectors/qdrant).
             result, bank = retrieve(memory, req.question, version=version, k=req.k, mode=req.mode)
-        except (LookupError, KeyError) as e:
+        except (VersionNotFound, VersionNotServable) as e:
             raise HTTPException(404, str(e)) from None
         try:
             reply = answer(memory, result, bank, req.mode)
-        except LookupError as e:  # the served version's amortizer is not the configured one
+        except AmortizerMismatch as e:
             raise HTTPException(409, str(e)) from None
         metrics.answer_seconds.labels(req.mode).observe(time.perf_counter() - started)
         return {
@@ -253,7 +269,10 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "live": live.current}
+        # A view older than a few refresh intervals means the registry is not answering.
+        age = live.age_s()
+        status = "ok" if age < max(30.0, 5 * poll_s) else "stale"
+        return {"status": status, "live": live.current, "live_age_s": round(age, 1)}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
@@ -274,7 +293,9 @@ def create_app(
     def set_live(req: LiveRequest) -> dict:
         try:
             memory.set_live(req.version)
-        except (ValueError, KeyError) as e:
+        except VersionNotFound as e:
+            raise HTTPException(404, str(e)) from None
+        except VersionNotServable as e:
             raise HTTPException(409, str(e)) from None
         return {"live": live.refresh()}
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from knowstream.errors import AmortizerMismatch
+
 if TYPE_CHECKING:
     from knowstream.memory import Memory
     from knowstream.query import QueryResult
@@ -119,7 +121,7 @@ def amortizer_for(memory: Memory, version: int) -> str:
     path = resolve_amortizer(settings, spec).path
     want, have = built.get("amortizer"), amortizer_version(path)
     if want and have != want:
-        raise LookupError(
+        raise AmortizerMismatch(
             f"memory version {version} was amortized by {want}, but the configured amortizer "
             f"{spec!r} is {have}: set KNOWSTREAM_AMORTIZER to the checkpoint that built it"
         )

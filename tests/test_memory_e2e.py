@@ -105,6 +105,8 @@ def test_round_trip(built):
     assert history[1]["docs"] == N_DOCS and history[1]["state"] == "published"
     manifest = memory.registry.manifest(1)
     assert manifest.offsets[0].start == 0 and manifest.offsets[0].end == N_DOCS
+    checksum = memory.registry.get(1).tags["content_checksum"]
+    assert checksum and checksum == manifest.checksums["delta"]
     assert set(manifest.model_versions) == {"embedder", "amortizer", "chunker", "triples"}
     assert manifest.counts["triples"] > 0
 

@@ -85,7 +85,7 @@ def test_cli_serve_binds_loopback_by_default_and_never_logs_the_token(tmp_path):
         assert _request(base + "/ask", ask) == 401
         assert _request(base + "/ask", ask, token=TOKEN + "x") == 401
         assert _request(base + "/ask", ask, token=TOKEN) == 503  # authorized; no memory yet
-        assert _request(base + "/admin/live", b'{"version": 1}', token=TOKEN) == 409
+        assert _request(base + "/admin/live", b'{"version": 1}', token=TOKEN) == 404  # none yet
     finally:
         proc.terminate()
         proc.wait(20)

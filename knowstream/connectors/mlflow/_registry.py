@@ -40,6 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from knowstream.errors import VersionNotFound, VersionNotServable
 from knowstream.schemas.manifest import SnapshotManifest
 from knowstream.settings import Settings
 
@@ -149,7 +150,7 @@ class Registry:
             "offsets": json.dumps([o.__dict__ for o in manifest.offsets]),
             "counts": json.dumps(manifest.counts, sort_keys=True),
             "model_versions": json.dumps(manifest.model_versions, sort_keys=True),
-            "content_checksum": manifest.checksums.get("content", ""),
+            "content_checksum": manifest.checksums.get("delta", ""),
         }
         for k, v in tags.items():
             self.client.set_model_version_tag(self.name, str(version), k, v)
@@ -167,7 +168,10 @@ class Registry:
     def set_live(self, version: int) -> None:
         info = self.get(version)
         if info.state != "published":
-            raise ValueError(f"version {version} is {info.state}, not published")
+            raise VersionNotServable(
+                f"memory version {version} is {info.state}, not published: only published "
+                "versions can go live (`knowstream snapshots` shows each state)"
+            )
         self.client.set_registered_model_alias(self.name, LIVE, str(version))
         # When it went live, kept on the version: the report draws live's moves and rollbacks.
         stamps = [t for t in info.tags.get("live_at", "").split(",") if t]
@@ -193,7 +197,7 @@ class Registry:
             return _info(self.client.get_model_version(self.name, str(version)))
         except MlflowException as e:
             if e.error_code in _NOT_FOUND:
-                raise KeyError(f"no memory version {version}") from None
+                raise VersionNotFound(version) from None
             raise
 
     def live(self) -> int | None:
@@ -219,7 +223,7 @@ class Registry:
         current: int | None = version
         while current is not None and current not in self._lineages:
             chain.append(current)
-            current = self.get(current).parent  # KeyError for a missing version
+            current = self.get(current).parent  # VersionNotFound for a missing one
         if current is not None:
             chain += self._lineages[current]
         self._lineages[version] = chain
