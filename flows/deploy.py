@@ -27,6 +27,7 @@ from prefect.deployments.runner import RunnerDeployment
 
 from knowstream.flows.backfill import backfill_flow
 from knowstream.flows.ingest import ingest_flow
+from knowstream.settings import Settings
 
 DEPLOYMENT = "scheduled-backfill"
 POOL_DEPLOYMENT = "backfill"
@@ -81,14 +82,31 @@ def deploy_backfill(
     )
 
 
+def settings_parameter(settings: Settings) -> dict:
+    """The settings a scheduled run needs, as a flow parameter: every value given by a
+    CLI option or the environment (secrets stay in the worker's environment), and the
+    home as an absolute path (the run may start in another folder)."""
+    given = settings.model_dump(mode="json", include=settings.model_fields_set - {"api_token"})
+    return {**given, "home": str(settings.home.resolve())}
+
+
 def backfill_deployment(
-    cron: str, *, base: str = "none", amortizer: str | None = None, promote: bool = False
+    cron: str,
+    *,
+    settings: Settings | None = None,
+    base: str = "none",
+    amortizer: str | None = None,
+    promote: bool = False,
 ) -> RunnerDeployment:
-    """The backfill flow on ``cron``: replays the whole topic into a new line of versions."""
+    """The backfill flow on ``cron``: replays the whole topic into a new line of versions,
+    against ``settings`` (default: the worker's environment)."""
+    parameters: dict = {"base": base, "amortizer": amortizer, "promote": promote}
+    if settings is not None:
+        parameters["settings"] = settings_parameter(settings)
     return backfill_flow.to_deployment(
         name=DEPLOYMENT,
         cron=cron,
-        parameters={"base": base, "amortizer": amortizer, "promote": promote},
+        parameters=parameters,
         description="Replay the document topic into a side line of memory versions.",
     )
 

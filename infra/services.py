@@ -298,8 +298,11 @@ def _s3rver_binary(settings: Settings) -> Path:
 def start_prefect_server(settings: Settings, port: int = 4200, timeout_s: float = 90.0) -> str:
     """Start ``prefect server start`` on loopback; return its API URL (``.../api``).
 
+    Its state (database) lives under ``<home>/prefect``, not ``~/.prefect``.
     Takes ~13 s on two cores. Point flows at it with ``PREFECT_API_URL``.
     """
+    prefect_home = (settings.home / "prefect").resolve()
+    prefect_home.mkdir(parents=True, exist_ok=True)
     argv = [
         str(_venv_executable("prefect")),
         "server",
@@ -309,7 +312,8 @@ def start_prefect_server(settings: Settings, port: int = 4200, timeout_s: float 
         "--port",
         str(port),
     ]
-    base = _start_server(settings, "prefect", argv, port, "/api/health", timeout_s)
+    env = {"PREFECT_HOME": str(prefect_home)}
+    base = _start_server(settings, "prefect", argv, port, "/api/health", timeout_s, env)
     return base + "/api"
 
 
@@ -417,14 +421,20 @@ def _venv_executable(name: str) -> Path:
 
 
 def _start_server(
-    settings: Settings, name: str, argv: list[str], port: int, health: str, timeout_s: float
+    settings: Settings,
+    name: str,
+    argv: list[str],
+    port: int,
+    health: str,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
 ) -> str:
     url = f"http://{LOOPBACK}:{port}"
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if _running_pid(settings, name) is not None:
         return _path(settings, name, "url").read_text().strip()
     _require_free_port(LOOPBACK, port, "pass another port")
-    pid = _spawn(settings, name, argv, dict(os.environ), url)
+    pid = _spawn(settings, name, argv, {**os.environ, **(env or {})}, url)
     _wait_ready(settings, name, pid, timeout_s, lambda: _http_ok(url + health))
     return url
 

@@ -1,12 +1,15 @@
 """The ``knowstream`` command line. ``knowstream --help`` lists the commands.
 
 Global options override the matching ``KNOWSTREAM_*`` environment variables;
-every command builds one :class:`Settings` from them.
+every command builds one :class:`Settings` from them. A command that fails says
+why and what to do in one line on stderr and exits with 1; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -16,11 +19,40 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer._click.core import Context as ClickContext  # typer vendors its click
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from knowstream.display import console, print_result, snapshot_table
+from knowstream.errors import BadInput, KnowstreamError
 from knowstream.settings import Settings
 
+
+class PlainErrors(TyperGroup):
+    """Every failure of a command ends as one line on stderr and exit code 1; with
+    ``--debug``, as the traceback. Usage errors stay click's."""
+
+    def invoke(self, ctx: ClickContext):
+        try:
+            return super().invoke(ctx)
+        except (TyperException, typer.Exit, typer.Abort):  # usage errors, exits, Ctrl-C
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            typer.echo(f"error: {one_line(e)}", err=True)
+            raise typer.Exit(1) from None
+
+
+def one_line(e: Exception) -> str:
+    if isinstance(e, KnowstreamError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first} (unexpected: rerun with --debug for the traceback)"
+
+
 app = typer.Typer(
+    cls=PlainErrors,
     help="Keep a language model's knowledge current from a live document stream.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -42,6 +74,7 @@ def main(
         str | None,
         typer.Option(help="MLflow tracking URI; default: SQLite [KNOWSTREAM_MLFLOW_URI]."),
     ] = None,
+    debug: Annotated[bool, typer.Option(help="Show the traceback of a failure.")] = False,
 ) -> None:
     overrides: dict[str, Any] = {
         k: v
@@ -55,9 +88,17 @@ def main(
         if v is not None
     }
     ctx.obj = Settings(**overrides)
+    ctx.call_on_close(_close_stores)
     from knowstream import logs
 
     logs.setup(ctx.obj)
+
+
+def _close_stores() -> None:
+    # Qdrant local mode's client closes in __del__, which fails noisily at interpreter exit.
+    qdrant = sys.modules.get("knowstream.connectors.qdrant")
+    if qdrant is not None:
+        qdrant.close_clients()
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -81,7 +122,7 @@ def _api(settings: Settings, url: str, method: str, path: str, body: dict | None
 
 
 def _fail(line: str) -> NoReturn:
-    typer.echo(line, err=True)
+    typer.echo(f"error: {line}", err=True)
     raise typer.Exit(1)
 
 
@@ -110,6 +151,9 @@ def up(
     workers: Annotated[
         int, typer.Option(help="Prefect workers on the 'knowstream' process work pool.")
     ] = 0,
+    prefect_port: Annotated[
+        int, typer.Option(help="Port of the Prefect server (its state: <home>/prefect).")
+    ] = 4200,
 ) -> None:
     """Start the local broker (and optional servers) on loopback."""
     from knowstream.infra import services
@@ -129,7 +173,7 @@ def up(
         console.print(f"beam ready: export KNOWSTREAM_BEAM_ARGS='{json.dumps(args)}'")
     if with_prefect_server:
         with console.status("starting the Prefect server..."):
-            url = services.start_prefect_server(s)
+            url = services.start_prefect_server(s, port=prefect_port)
         console.print(f"prefect server ready: export PREFECT_API_URL={url}")
         if workers:
             with console.status(f"starting {workers} Prefect workers..."):
@@ -154,8 +198,9 @@ def down(ctx: typer.Context) -> None:
 def status(ctx: typer.Context) -> None:
     """Live version, consumer lag (read to the end), dead letters, broker state, log file."""
     from knowstream import logs
-    from knowstream.connectors.kafka import consumer_lag, dead_letter_summary
+    from knowstream.connectors.kafka import consumer_lag, dead_letter_summary, require_broker
     from knowstream.connectors.mlflow import Registry
+    from knowstream.errors import BrokerUnreachable
     from knowstream.flows.ingest import read_health
     from knowstream.infra import services
 
@@ -174,7 +219,13 @@ def status(ctx: typer.Context) -> None:
         live, health = Registry(s).live(), read_health(s)
     table.add_row("live version", str(live))
     table.add_row("ingest worker", json.dumps(health) if health else "never ran here")
+    unreachable = None
     try:
+        require_broker(s)  # seconds, not the Kafka client's minute of retries
+    except BrokerUnreachable as e:  # say so after the rest of the table
+        unreachable = e
+        table.add_row("kafka", "unreachable")
+    if unreachable is None:
         lag = consumer_lag(s, s.group_id)
         table.add_row("consumer lag", str(lag["total"]))
         dlq = dead_letter_summary(s)
@@ -183,19 +234,22 @@ def status(ctx: typer.Context) -> None:
             f"{dlq['distinct']} records {json.dumps(dlq['by_reason'])}"
             + (f" ({dlq['messages']} messages)" if dlq["messages"] != dlq["distinct"] else ""),
         )
-    except Exception as e:  # broker down: say so, still show the rest
-        table.add_row("kafka", f"unreachable: {e}")
     table.add_row("log file", str(logs.log_file(s).resolve()))
     console.print(table)
+    if unreachable is not None:
+        raise unreachable
 
 
 # --- data ------------------------------------------------------------------------------
 @app.command()
 def produce(ctx: typer.Context, file: Path) -> None:
     """Send document events from a JSONL or Parquet FILE to the topic."""
-    from knowstream.connectors.kafka import produce_file
+    from knowstream.connectors.kafka import produce_file, require_broker
 
+    if not file.is_file():
+        raise BadInput(f"no file {file}: give a JSONL or Parquet file of document events")
     s = _settings(ctx)
+    require_broker(s)
     with _progress() as bar:
         task = bar.add_task(f"produce {file.name}", total=None)
         n = produce_file(s, file, progress=lambda k: bar.update(task, completed=k))
@@ -234,14 +288,28 @@ def ingest(
     )
 
 
-def _partition_offsets(values: list[str] | None) -> dict[int, int] | None:
+def _partition_offsets(option: str, values: list[str] | None) -> dict[int, int] | None:
     if not values:
         return None
-    return {int(p): int(o) for p, o in (v.split(":") for v in values)}
+    offsets = {}
+    for v in values:
+        p, _, o = v.partition(":")
+        if not (p.isdigit() and o.isdigit()):
+            raise BadInput(f"{option} {v!r} is not PARTITION:OFFSET: give e.g. {option} 0:1200")
+        offsets[int(p)] = int(o)
+    return offsets
 
 
-def _ms(ts: str | None) -> int | None:
-    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000) if ts else None
+def _ms(option: str, ts: str | None) -> int | None:
+    if not ts:
+        return None
+    try:
+        when = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(
+            f"{option} {ts!r} is not an ISO-8601 time: give e.g. {option} 2026-12-01T03:00:00Z"
+        ) from None
+    return int(when.timestamp() * 1000)
 
 
 @app.command()
@@ -263,20 +331,25 @@ def backfill(
     promote: Annotated[bool, typer.Option(help="Make the result live.")] = False,
 ) -> None:
     """Replay a range into a side line of versions without touching live."""
+    from knowstream.connectors.kafka import require_broker
     from knowstream.flows.backfill import backfill_flow
     from knowstream.progress import BatchProgress
 
     s = _settings(ctx)
+    if archive is not None and not archive.is_file():
+        raise BadInput(f"no archive {archive}: give a Parquet file of document events")
     options = {
-        "start": _partition_offsets(from_offset),
-        "end": _partition_offsets(to_offset),
-        "start_ts_ms": _ms(from_time),
-        "end_ts_ms": _ms(to_time),
+        "start": _partition_offsets("--from-offset", from_offset),
+        "end": _partition_offsets("--to-offset", to_offset),
+        "start_ts_ms": _ms("--from-time", from_time),
+        "end_ts_ms": _ms("--to-time", to_time),
         "archive": str(archive.resolve()) if archive else None,
         "base": base,
         "amortizer": amortizer,
         "promote": promote,
     }
+    if archive is None:
+        require_broker(s)
     if url := _server(s):
         with console.status(f"backfilling through {url}..."):
             report = _api(s, url, "POST", "/admin/backfill", options)
@@ -286,6 +359,11 @@ def backfill(
             report = backfill_flow(s, **options)
             bar.batch(report)
         messages, version = report.messages, report.version
+    if messages == 0:
+        raise BadInput(
+            f"no records in that range of {archive or s.topic}: nothing was replayed "
+            "(check the offsets or times; `knowstream status` shows the topic's state)"
+        )
     console.print(f"replayed {messages} records -> version {version}")
 
 
@@ -353,13 +431,10 @@ def _move_live(s: Settings, version: int, path: str) -> None:
     from knowstream.connectors.mlflow import Registry
 
     registry = Registry(s)
-    try:
-        if path == "/admin/rollback":
-            registry.rollback(version)
-        else:
-            registry.set_live(version)
-    except (ValueError, KeyError) as e:
-        _fail(str(e).strip("'\""))
+    if path == "/admin/rollback":
+        registry.rollback(version)
+    else:
+        registry.set_live(version)
 
 
 @app.command()
@@ -374,18 +449,30 @@ def deploy(
     promote: Annotated[bool, typer.Option(help="Make each result live.")] = False,
 ) -> None:
     """Deploy the backfill flow to a work pool (--pool), or serve it on a cron from this
-    process, against a Prefect server (PREFECT_API_URL)."""
-    from knowstream.flows.deploy import backfill_deployment, deploy_backfill, serve
+    process, against a Prefect server (PREFECT_API_URL). The runs get this command's
+    settings (--home, --bootstrap-servers, ...)."""
+    from knowstream.flows.deploy import (
+        backfill_deployment,
+        deploy_backfill,
+        serve,
+        settings_parameter,
+    )
 
+    s = _settings(ctx)
     if pool:
-        one_at_a_time = _settings(ctx).qdrant_url is None  # embedded stores: one process
-        parameters = {"base": base, "amortizer": amortizer, "promote": promote}
+        one_at_a_time = s.qdrant_url is None  # embedded stores: one process
+        parameters = {
+            "base": base,
+            "amortizer": amortizer,
+            "promote": promote,
+            "settings": settings_parameter(s),
+        }
         deploy_backfill(pool, one_at_a_time=one_at_a_time, cron=cron, parameters=parameters)
         console.print(f"deployment backfill/backfill on work pool {pool}")
         return
     if cron is None:
-        raise typer.BadParameter("give --cron, --pool or both")
-    serve(backfill_deployment(cron, base=base, amortizer=amortizer, promote=promote))
+        raise BadInput("deploy needs --cron (served from here), --pool, or both")
+    serve(backfill_deployment(cron, settings=s, base=base, amortizer=amortizer, promote=promote))
 
 
 @app.command()
@@ -432,7 +519,9 @@ def ask(
     from knowstream.serving.generate import MODES, answer, retrieve
 
     if mode not in ("evidence", *MODES):
-        raise typer.BadParameter(f"mode must be evidence or one of {MODES}")
+        raise BadInput(f"--mode {mode!r} is unknown: give evidence, {', '.join(MODES)}")
+    if k < 1:
+        raise BadInput(f"--k {k}: retrieve at least 1 chunk (e.g. --k 5)")
     settings = _settings(ctx)
     if url := _server(settings):
         body = {"question": question, "version": version, "k": k, "mode": mode}

@@ -35,9 +35,5 @@ class BrokerUnreachable(KnowstreamError, ConnectionError):
     """No Kafka broker answers at the bootstrap servers."""
 
 
-class StoreLocked(KnowstreamError, RuntimeError):
-    """Qdrant local mode's folder is open in another process."""
-
-
 class BadInput(KnowstreamError, ValueError):
     """A command-line value that cannot be used (a malformed offset, time, count, path)."""

@@ -6,8 +6,8 @@ interval, each MAC mode drawn next to its wrong-passage control.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import matplotlib
 
@@ -61,5 +61,13 @@ def plot(result_path: str, out: str) -> None:
     fig.savefig(out, dpi=120)
 
 
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="F1 per mode of an evaluation result, as a PNG")
+    p.add_argument("result", help="result JSON of `knowstream eval --out` / models/evaluate.py")
+    p.add_argument("out", help="the PNG to write")
+    a = p.parse_args(argv)
+    plot(a.result, a.out)
+
+
 if __name__ == "__main__":
-    plot(sys.argv[1], sys.argv[2])
+    main()

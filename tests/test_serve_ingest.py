@@ -154,7 +154,7 @@ def test_serve_ingest_is_operated_from_other_processes(served, tmp_path):
     held = [line for line in opener.stderr.splitlines() if "is held by" in line]
     store = settings.qdrant_location.resolve()
     assert held == [opener.stderr.strip().splitlines()[-1]], opener.stderr
-    assert held[0].startswith(f"the store at {store} is held by process {server.pid} ")
+    assert held[0].startswith(f"error: the store at {store} is held by process {server.pid} ")
     assert "knowstream serve --ingest" in held[0] and "--qdrant-url" in held[0]
     assert "Traceback" not in opener.stderr
 

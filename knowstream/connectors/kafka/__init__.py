@@ -1,6 +1,7 @@
 """Kafka behind one module: micro-batch consumption with explicit commits
 (``_source``), producing documents and dead letters (``_target``)."""
 
+from knowstream.connectors.kafka._probe import require_broker
 from knowstream.connectors.kafka._source import (
     BatchConsumer,
     KafkaRecord,
@@ -30,5 +31,6 @@ __all__ = [
     "offsets_of",
     "produce_file",
     "read_range",
+    "require_broker",
     "send_dead_letters",
 ]

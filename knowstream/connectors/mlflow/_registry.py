@@ -40,7 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from knowstream.errors import VersionNotFound, VersionNotServable
+from knowstream.errors import BadInput, VersionNotFound, VersionNotServable
 from knowstream.schemas.manifest import SnapshotManifest
 from knowstream.settings import Settings
 
@@ -165,13 +165,19 @@ class Registry:
         if info.run_id:
             self.client.set_terminated(info.run_id, "FAILED")
 
-    def set_live(self, version: int) -> None:
+    def published(self, version: int) -> VersionInfo:
+        """The version's record; it must exist and be published (the only ones that may
+        go live)."""
         info = self.get(version)
         if info.state != "published":
             raise VersionNotServable(
                 f"memory version {version} is {info.state}, not published: only published "
                 "versions can go live (`knowstream snapshots` shows each state)"
             )
+        return info
+
+    def set_live(self, version: int) -> None:
+        info = self.published(version)
         self.client.set_registered_model_alias(self.name, LIVE, str(version))
         # When it went live, kept on the version: the report draws live's moves and rollbacks.
         stamps = [t for t in info.tags.get("live_at", "").split(",") if t]
@@ -184,7 +190,10 @@ class Registry:
         """Point live back at an older published version; the newer ones stay readable."""
         live = self.live()
         if live is not None and version >= live:
-            raise ValueError(f"rollback goes back: version {version} is not older than live {live}")
+            raise BadInput(
+                f"rollback goes back: version {version} is not older than live {live} "
+                f"(`knowstream promote {version}` moves live forward)"
+            )
         self.set_live(version)
 
     # --- reading ------------------------------------------------------------------

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from knowstream.errors import KnowstreamError
 from knowstream.settings import Settings
 
 VECTOR = "text"  # named vector: chunk embeddings, and the mean of them on doc points
@@ -77,7 +78,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-class StoreHeld(RuntimeError):
+class StoreHeld(KnowstreamError, RuntimeError):
     """Another process holds the embedded store. Not transient: retrying cannot help."""
 
     def __init__(self, where: Path) -> None:
