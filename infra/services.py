@@ -29,6 +29,7 @@ Environment read here (everything else comes from ``Settings``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import importlib.util
 import ipaddress
@@ -480,7 +481,8 @@ def start_beam(
             continue
         _require_free_port(LOOPBACK, port, "pass another port")
         pid = _spawn(settings, name, argv, env, f"{LOOPBACK}:{port}")
-        _wait_ready(settings, name, pid, timeout_s, lambda p=port: _port_accepts(LOOPBACK, p))
+        accepts = functools.partial(_port_accepts, LOOPBACK, port)
+        _wait_ready(settings, name, pid, timeout_s, accepts)
     return portable_args(settings)
 
 

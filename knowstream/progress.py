@@ -113,7 +113,7 @@ class StepProgress:
         self.bar.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
 
     def update(self, step: str, done: int, total: int) -> None:

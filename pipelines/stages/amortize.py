@@ -23,6 +23,8 @@ Beam in it. ``Amortize`` is a model for Beam's ``RunInference`` (``Isolated`` in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from apache_beam.metrics import Metrics
 
@@ -92,7 +94,7 @@ class Amortize(StageModel):
         torch.set_num_threads(self.torch_threads)
         return LoadedAmortizer(self.spec, self.device, self.dtype, self.window_batch)
 
-    def run_inference(self, batch: list[dict], model, inference_args=None) -> list[dict]:
+    def run_inference(self, batch: Sequence[dict], model, inference_args=None) -> list[dict]:
         failpoint(self.stage, map(self.doc_id, batch), self.fail)
         rows = model.rows([s["event"] for s in batch])
         self.amortized.inc(len(batch))

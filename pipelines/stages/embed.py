@@ -10,6 +10,8 @@ pass over 32 chunks costs little more than over one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from apache_beam.metrics import Metrics
 
@@ -34,7 +36,7 @@ class Embed(StageModel):
         torch.set_num_threads(self.torch_threads)
         return load_encoder()
 
-    def run_inference(self, chunks: list[dict], encoder, inference_args=None) -> list[dict]:
+    def run_inference(self, chunks: Sequence[dict], encoder, inference_args=None) -> list[dict]:
         failpoint(self.stage, map(self.doc_id, chunks), self.fail)
         vectors = encoder.embed([c["text"] for c in chunks])
         self.embedded.inc(len(chunks))

@@ -26,6 +26,7 @@ class Parse(beam.DoFn):
 
     def process(self, record: dict):
         source = {k: record[k] for k in ("topic", "partition", "offset")}
+        error: Exception
         try:
             event = parse_event(record["key"], record["value"], max_text_chars=self.max_text_chars)
         except InvalidEvent as e:

@@ -31,7 +31,7 @@ The rules, on each sentence's dependency tree (spaCy's ClearNLP-style labels):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
@@ -359,7 +359,9 @@ class Triples(StageModel):
     def load_model(self) -> Language:
         return load_nlp()
 
-    def run_inference(self, batch: list[dict], nlp: Language, inference_args=None) -> list[dict]:
+    def run_inference(
+        self, batch: Sequence[dict], nlp: Language, inference_args=None
+    ) -> list[dict]:
         failpoint(self.stage, map(self.doc_id, batch), self.fail)
         facts_per_doc = extract_facts_many(nlp, [d["text"] for d in batch])
         return [

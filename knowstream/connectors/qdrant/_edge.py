@@ -85,7 +85,9 @@ class EdgeStore:
 
     def delete(self, flt: Filter) -> None:
         with self._lock:
-            self._shard.update(qe.UpdateOperation.delete_points_by_filter(_filter(flt)))
+            given = _filter(flt)
+            assert given is not None  # flt is not None
+            self._shard.update(qe.UpdateOperation.delete_points_by_filter(given))
 
     def scroll(self, flt: Filter | None, *, with_vectors: bool = False) -> Iterator[Record]:
         offset = None

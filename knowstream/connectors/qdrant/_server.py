@@ -48,10 +48,12 @@ def _record(p, score: float = 0.0) -> Record:
 class ClientStore:
     def __init__(self, collection: str, *, url: str | None = None, path: Path | None = None):
         self.collection = collection
+        self._lock: contextlib.AbstractContextManager
         if url:
             self.where, self._lock = url, contextlib.nullcontext()
             self.client = QdrantClient(url=url)
         else:
+            assert path is not None, "a server url or a local path"
             path.mkdir(parents=True, exist_ok=True)
             self.where, self._lock = str(path), threading.Lock()
             try:
@@ -87,7 +89,9 @@ class ClientStore:
             self.client.set_payload(self.collection, payload=payload, points=list(ids), wait=True)
 
     def delete(self, flt: Filter) -> None:
-        selector = qm.FilterSelector(filter=_filter(flt))
+        given = _filter(flt)
+        assert given is not None  # flt is not None
+        selector = qm.FilterSelector(filter=given)
         with self._lock:
             self.client.delete(self.collection, points_selector=selector, wait=True)
 
