@@ -60,7 +60,7 @@ def test_status_with_the_broker_down_says_so_in_one_line(tmp_path):
     assert "knowstream status" in result.stdout  # the rest of the table is still shown
 
 
-def test_a_store_held_by_another_process_fails_in_one_line(tmp_path):
+def test_a_store_held_by_another_process_fails_in_one_line(kafka_settings, tmp_path):
     home = tmp_path / "home"
     holder = subprocess.Popen(
         [
@@ -81,7 +81,10 @@ def test_a_store_held_by_another_process_fails_in_one_line(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "holding"
-        result = knowstream(home, "snapshots")
+        servers = kafka_settings.bootstrap_servers
+        result = knowstream(
+            home, "--topic", kafka_settings.topic, "ingest", "--once", servers=servers
+        )
         one_line_failure(result, "is held by process", "--qdrant-url")
     finally:
         holder.stdin.close()
