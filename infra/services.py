@@ -375,7 +375,7 @@ def start_prefect_workers(
         argv = [prefect, "worker", "start", "--pool", pool, "--limit", "1", "--name", worker]
         pid = _spawn(settings, name, argv, env, api_url)
         _wait_ready(
-            settings, name, pid, timeout_s, lambda n=name: "started" in _log_tail(settings, n)
+            settings, name, pid, timeout_s, functools.partial(_worker_started, settings, name)
         )
     return names
 
@@ -532,6 +532,10 @@ def service_status(settings: Settings, name: str) -> dict:
 
 def _path(settings: Settings, name: str, suffix: str) -> Path:
     return settings.run_dir / f"{name}.{suffix}"
+
+
+def _worker_started(settings: Settings, name: str) -> bool:
+    return "started" in _log_tail(settings, name)
 
 
 def _spawn(settings: Settings, name: str, argv: list[str], env: dict[str, str], url: str) -> int:
