@@ -105,6 +105,7 @@ PUBLISH_PARTS = [
 # qdrant-client's local mode and index lookups in qdrant-edge; in local mode upserts and
 # set_payload persist each point (one SQLite transaction per point).
 QDRANT_CALLS = ["qdrant scroll", "qdrant upsert", "qdrant set_payload"]
+ASK_QUESTIONS = 40  # /ask (evidence mode) calls timed at each size
 
 
 def publish_parts() -> list[tuple[object, str, str]]:
@@ -366,6 +367,13 @@ def measure(
             )
             progress.advance(task)
     points = memory.store.count()
+    # The /ask code path in evidence mode (encode the question, search, read the docs),
+    # as `knowstream ask` and the server run it: ASK_QUESTIONS questions, p50 and p95.
+    from knowstream.query import query as ask
+
+    ask(memory, "warm-up", version=base)  # loads the encoder once
+    questions = [synth._text(80) for _ in range(ASK_QUESTIONS)]
+    ask_s = sorted(timed_call(lambda q=q: ask(memory, q, version=base, k=5))[1] for q in questions)
 
     def med(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.median(get(r) for r in runs)
@@ -399,6 +407,10 @@ def measure(
             "search @live": med(lambda r: r["search_s"]["live"]),
             "view @v1": med(lambda r: r["view_s"]["v1"]),
             "search @v1": med(lambda r: r["search_s"]["v1"]),
+            f"ask, evidence mode: p50 of {ASK_QUESTIONS}": statistics.median(ask_s),
+            f"ask, evidence mode: p95 of {ASK_QUESTIONS}": ask_s[
+                min(len(ask_s) - 1, round(0.95 * len(ask_s)))
+            ],
         },
     }
 
