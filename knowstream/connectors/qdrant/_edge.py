@@ -2,9 +2,9 @@
 
 Why qdrant-edge and not qdrant-client's local mode: local mode ignores payload
 indexes, so every version filter scans the whole collection (a 50k-point
-filtered search took ~950 ms there, 0.8 ms here). The shard's write-ahead log
-stays on: it is also the lock that keeps a second process out (it fails with
-``WouldBlock``, which becomes :class:`StoreHeld`).
+filtered search took ~950 ms there, 0.8 ms here). A second process is kept out
+by a lock file taken before the shard is opened (:class:`StoreHeld`); the
+shard's write-ahead log stays on and locks it as well.
 
 One lock serializes the calls of a process's threads (the API and the ingest
 worker of ``serve --ingest``): each call is short, a publish is many calls.
@@ -17,6 +17,7 @@ through growing a memory to 100k documents here).
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -62,12 +63,22 @@ class EdgeStore:
         config = qe.EdgeConfig(
             vectors={VECTOR: qe.EdgeVectorParams(DIM, qe.Distance.Cosine)}, wal_enabled=True
         )
+        # Our own lock first: a second process whose EdgeShard.load fails on the WAL lock
+        # has already opened the segments, and the holder's next flush then fails
+        # ("tracker_journal.dat is shorter than expected", reproduced with 0.9.0).
+        self._held = open(location / f"{collection}.lock", "a")  # held open: the lock lasts as long
+        try:
+            fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._held.close()
+            raise StoreHeld(location) from None
         try:
             if (path / "edge_config.json").exists():
                 self._shard = qe.EdgeShard.load(str(path))
             else:
                 self._shard = qe.EdgeShard.create(str(path), config)
         except Exception as e:  # the binding raises a bare Exception
+            self._held.close()
             if "WouldBlock" in str(e):
                 raise StoreHeld(location) from None
             raise
@@ -144,3 +155,4 @@ class EdgeStore:
         with self._lock:
             self._shard.flush()
             self._shard.close()
+            self._held.close()  # releases the lock
