@@ -25,6 +25,7 @@ from knowstream.models.chunking import CHUNKER_VERSION
 from knowstream.models.inference import amortizer_version
 from knowstream.pipelines.pipeline import run_batch
 from knowstream.pipelines.stages.triples import TRIPLES_VERSION
+from knowstream.schemas.event import dead_letter
 from knowstream.schemas.manifest import OffsetRange
 from knowstream.settings import Settings
 
@@ -88,6 +89,43 @@ def offset_ranges(records: list[KafkaRecord]) -> list[OffsetRange]:
     ]
 
 
+def source_digest(records: list[KafkaRecord]) -> str:
+    """sha256 over the records' coordinates, timestamps, keys and values: what a
+    manifest records so that a redelivery of the same batch is recognised (and new
+    records at reused offsets, after a topic was recreated, are not)."""
+    h = hashlib.sha256()
+    for r in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
+        key, value = (b if b is None else hashlib.sha256(b).hexdigest() for b in (r.key, r.value))
+        h.update(json.dumps([r.topic, r.partition, r.offset, r.timestamp_ms, key, value]).encode())
+    return h.hexdigest()
+
+
+def split_oversized(
+    settings: Settings, records: list[KafkaRecord]
+) -> tuple[list[KafkaRecord], list[dict]]:
+    """Records small enough to parse, and dead letters for the others: a message over
+    ``settings.max_message_bytes`` cannot be a valid event, and never enters Beam."""
+    keep, letters = [], []
+    for r in records:
+        size = len(r.key or b"") + len(r.value or b"")
+        if size <= settings.max_message_bytes:
+            keep.append(r)
+            continue
+        letters.append(
+            dead_letter(
+                {"topic": r.topic, "partition": r.partition, "offset": r.offset},
+                stage="parse",
+                error="InvalidEvent",
+                reason="too_large",
+                detail=f"message is {size} bytes, over max_message_bytes "
+                f"{settings.max_message_bytes}: not parsed",
+                key=r.key,
+                value=r.value,
+            )
+        )
+    return keep, letters
+
+
 def _doc_id_hint(record: KafkaRecord) -> str | None:
     """The doc id a record is about, for looking up its current state; parse validates."""
     if record.key:
@@ -137,7 +175,7 @@ def pipeline_task(
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(memory: Memory, result, versions, *, parent, kind, offsets, make_live):
+def publish_task(memory: Memory, result, versions, *, parent, kind, offsets, make_live, digest):
     info = memory.publish(
         result.staged,
         parent=parent,
@@ -146,6 +184,7 @@ def publish_task(memory: Memory, result, versions, *, parent, kind, offsets, mak
         model_versions=versions,
         make_live=make_live,
         require_live_parent=kind == "ingest",
+        source_digest=digest,
     )
     log.info("published memory version %d (parent %s)", info.version, parent)
     return info.version
@@ -162,7 +201,9 @@ def process_batch(
 ) -> BatchReport:
     """Pipeline, then publish if anything changed. Raises if either fails."""
     started = time.perf_counter()
-    result, versions, staging = pipeline_task(settings, memory, records, parent)
+    parsable, too_large = split_oversized(settings, records)
+    result, versions, staging = pipeline_task(settings, memory, parsable, parent)
+    result.staged.dead_letters.extend(too_large)
     durations = {"pipeline": time.perf_counter() - started}
     offsets = offset_ranges(records)
     version = None
@@ -179,6 +220,7 @@ def process_batch(
                 kind=kind,
                 offsets=offsets,
                 make_live=make_live,
+                digest=source_digest(records),
             )
             durations["publish"] = time.perf_counter() - publishing
         except StaleParent:

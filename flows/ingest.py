@@ -10,37 +10,42 @@ offsets where they were: the batch is redelivered and, since a failed publish
 is purged and a replayed batch rebuilds the same content, nothing is lost or
 duplicated.
 
-Outages (broker, MLflow, Qdrant) are retried with exponential backoff: the
-consumer is dropped and rejoined, so the retry starts again from the committed
-offsets. Continuous ingestion retries until the service is back; ``--once``
-gives up after ``Settings.retry_attempts``. The worker's condition (running,
-retrying with the last error, stopped) is kept in ``<home>/run/ingest.json``
-for ``knowstream status``.
+A batch is published at most once: one published but not committed (a failure
+or a stop after the publish) is resumed from its manifest (``flows.resume``).
+Dead letters are sent at most once per source record.
+
+Failures are retried with exponential backoff: the consumer is dropped and
+rejoined, so the retry starts again from the committed offsets. Outages (broker,
+MLflow, Qdrant) are retried until the service is back; other errors, and every
+error in ``--once``, get ``Settings.retry_attempts`` tries (``flows.retries``),
+then the worker stops as ``failed``. An amortizer spec naming a registry model or
+version that does not exist fails at start. SIGINT/SIGTERM abandon the current
+batch (``flows.stopping``). The worker's condition (running, retrying with the
+last error, stopped, failed with the reason) is kept in ``<home>/run/ingest.json``
+for ``knowstream status`` and the API's ``/healthz``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_not_exception_type,
-    stop_after_attempt,
-    stop_never,
-    wait_exponential,
-)
+from prefect.exceptions import TerminationSignal
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
 from knowstream.connectors.kafka import BatchConsumer, ensure_topics, send_dead_letters
-from knowstream.connectors.qdrant import StoreHeld
+from knowstream.connectors.mlflow._registry import AmortizerRegistryError, resolve_amortizer
 from knowstream.flows.batch import BatchReport, process_batch
 from knowstream.flows.observe import after_batch
+from knowstream.flows.resume import resume
+from knowstream.flows.retries import is_transient, retryable, stop_after
+from knowstream.flows.stopping import Stopped, stop_signal
 from knowstream.memory import Memory, StaleParent
 from knowstream.settings import Settings
 
@@ -123,6 +128,15 @@ def ingest_flow(
                 # drained topic (``--once`` exits, status stays "running").
                 _require_broker(settings)
                 return None
+            since_ms = min(r.timestamp_ms for r in records)  # no dead letter is older
+            if (resumed := resume(settings, memory, records)) is not None:
+                report, done = resumed
+                send_dead_letters(settings, report.dead_letters, since_ms=since_ms)
+                consumer.commit(done)
+                finished = {id(r) for r in done}
+                consumer.rewind([r for r in records if id(r) not in finished])
+                report.lag = consumer.backlog()
+                return report
             reruns = 0
             while True:
                 try:
@@ -143,8 +157,7 @@ def ingest_flow(
                     log.info("live moved while this batch was processed; rerunning it")
             if reruns:  # lost compare-and-sets, visible in the report (contention)
                 report.counters["ingest.cas_reruns"] = reruns
-            if report.dead_letters:
-                send_dead_letters(settings, report.dead_letters)
+            send_dead_letters(settings, report.dead_letters, since_ms=since_ms)
             consumer.commit(records)
             report.lag = consumer.backlog()
             # Compaction and retention, as configured; after the commit: the batch is done.
@@ -171,9 +184,8 @@ def ingest_flow(
         )
 
     retry = Retrying(
-        # A store held by another process stays held: fail with its one line at once.
-        retry=retry_if_not_exception_type(StoreHeld),
-        stop=stop_never if not once else stop_after_attempt(settings.retry_attempts),
+        retry=retry_if_exception(retryable),
+        stop=stop_after(settings, once),
         wait=wait_exponential(multiplier=settings.retry_base_s, max=settings.retry_max_s),
         before_sleep=retrying,
         reraise=True,
@@ -185,7 +197,13 @@ def ingest_flow(
         window.start()
     write_health(settings, state="running", batches=0)
     try:
+        try:
+            resolve_amortizer(settings)  # a missing registry model fails now, not per batch
+        except AmortizerRegistryError:
+            pass  # unreachable: the batches retry it
         while (max_batches is None or len(reports) < max_batches) and not stop.is_set():
+            if (signum := stop_signal()) is not None:  # in case a library swallowed it
+                raise Stopped(signum)
             report = retry(one_batch)
             if degraded:
                 degraded = False
@@ -207,7 +225,20 @@ def ingest_flow(
             if on_batch:
                 on_batch(report)
     except BaseException as e:
-        write_health(settings, state="failed", batches=len(reports), last_error=repr(e))
+        if (signum := stop_signal(e)) is not None:
+            reason = f"stopped by {signal.Signals(signum).name}"
+            write_health(settings, state="stopped", batches=len(reports), reason=reason)
+            if isinstance(e, Stopped | TerminationSignal):
+                raise
+            raise Stopped(signum) from e  # one Beam wrapped
+        write_health(
+            settings,
+            state="failed",
+            batches=len(reports),
+            reason=f"{type(e).__name__}: {e}".splitlines()[0][:500],
+            transient=is_transient(e),
+            last_error=repr(e),
+        )
         raise
     finally:
         if window:

@@ -265,9 +265,13 @@ def ingest(
         int | None, typer.Option(help="Serve Prometheus /metrics on this port (loopback).")
     ] = None,
 ) -> None:
-    """Consume micro-batches, run the pipeline, publish snapshots, commit offsets."""
+    """Consume micro-batches, run the pipeline, publish snapshots, commit offsets.
+
+    SIGINT/SIGTERM stop it within seconds (the current batch is abandoned; exit status
+    128 + signal); an error retrying cannot fix stops it as failed (exit status 1)."""
     from knowstream import metrics
     from knowstream.flows.ingest import ingest_flow
+    from knowstream.flows.stopping import Stopped, exit_now, start_prefect_api, stop_on_signals
 
     if metrics_port:
         metrics.default().serve(metrics_port)
@@ -276,10 +280,15 @@ def ingest(
     from knowstream.progress import BatchProgress
 
     s = _settings(ctx)
-    with _store():
-        Memory(s).open_store()  # a held store is one line, before any consumer or flow starts
-        with BatchProgress(console, "records") as bar:
-            reports = ingest_flow(s, once=once, max_batches=max_batches, on_batch=bar.batch)
+    try:
+        with _store(), stop_on_signals(s.stop_grace_s):
+            Memory(s).open_store()  # a held store is one line, before any consumer or flow starts
+            start_prefect_api()  # in its own session: a group signal must not stop it first
+            with BatchProgress(console, "records") as bar:
+                reports = ingest_flow(s, once=once, max_batches=max_batches, on_batch=bar.batch)
+    except Stopped as e:
+        console.print(f"{e}: current batch abandoned; the next start resumes from the commits")
+        exit_now(e.exit_code)
     versions = [r.version for r in reports if r.version]
     console.print(
         f"{len(reports)} batches, {sum(r.messages for r in reports)} records -> "
@@ -310,6 +319,24 @@ def _ms(option: str, ts: str | None) -> int | None:
             f"{option} {ts!r} is not an ISO-8601 time: give e.g. {option} 2026-12-01T03:00:00Z"
         ) from None
     return int(when.timestamp() * 1000)
+
+
+@app.command()
+def skip(
+    ctx: typer.Context,
+    partition: Annotated[int, typer.Option(help="Partition of the stuck message.")],
+    offset: Annotated[int, typer.Option(help="Its offset: the next one the group reads.")],
+) -> None:
+    """Move the ingest group past one message, recording it on the dead-letter topic as
+    "skipped by operator". Stop the group's ingest workers first."""
+    from knowstream.flows.skip import skip_message
+
+    s = _settings(ctx)
+    try:
+        skip_message(s, partition, offset)
+    except (ValueError, LookupError) as e:
+        _fail(f"skip: {e}")
+    console.print(f"skipped {s.topic}[{partition}] offset {offset}: on {s.dlq_topic}")
 
 
 @app.command()
@@ -554,15 +581,24 @@ def serve(
     the one process that holds the embedded store; other commands go through it."""
     import uvicorn
 
+    from knowstream.flows.stopping import exit_now, start_prefect_api
     from knowstream.serving.app import create_app
 
     s = _settings(ctx)
     if url := _server(s):
         _fail(f"a server already runs for {s.home} at {url}")
+    if ingest:
+        start_prefect_api()  # its flows' API: in its own session (see flows/stopping.py)
     with _store():
         reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where clients connect
         app_ = create_app(s, ingest=ingest, address=f"http://{reach}:{port}")
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    # SIGINT/SIGTERM: uvicorn stops accepting, gives open requests 5 s and runs the
+    # shutdown hooks. Then exit without the interpreter's teardown (4-5 s measured).
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:
+        exit_now(130)
+    exit_now(0)
 
 
 @app.command("eval")

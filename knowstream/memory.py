@@ -197,6 +197,7 @@ class Memory:
         make_live: bool,
         require_live_parent: bool = False,
         progress: Callable[[int], None] | None = None,
+        source_digest: str = "",
     ) -> VersionInfo:
         """Write ``batch`` as a new version on top of ``parent``; returns it, published.
 
@@ -206,11 +207,14 @@ class Memory:
         the first one's changes. The loser gets :class:`StaleParent` and reruns its
         batch against the new live. Publishes of one home are serialized by a
         file lock; across hosts, run one publishing worker per memory.
+        ``source_digest`` identifies the source records (see ``flows.batch``).
         """
         with self._publish_lock():
             if require_live_parent and self.registry.live() != parent:
                 raise StaleParent(f"live is {self.registry.live()}, batch was built on {parent}")
-            return self._publish(batch, parent, kind, offsets, model_versions, make_live, progress)
+            return self._publish(
+                batch, parent, kind, offsets, model_versions, make_live, progress, source_digest
+            )
 
     @contextmanager
     def _publish_lock(self) -> Iterator[None]:
@@ -222,7 +226,9 @@ class Memory:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _publish(self, batch, parent, kind, offsets, model_versions, make_live, progress):
+    def _publish(
+        self, batch, parent, kind, offsets, model_versions, make_live, progress, source_digest
+    ):
         version, run_id = self.registry.reserve(parent, kind)
         try:
             parent_lineage = self.registry.lineage(parent) if parent is not None else []
@@ -252,6 +258,7 @@ class Memory:
                     "delta": delta_checksum(batch),
                     **{f.name: _file_sha256(f) for f in batch.files},
                 },
+                source_digest=source_digest,
             )
             self.registry.log_artifacts(run_id, batch.files, manifest)
             self.registry.publish(version, run_id, manifest)
@@ -361,6 +368,18 @@ class Memory:
 
     def rollback(self, version: int) -> None:
         self.registry.rollback(version)
+
+    def finish_live(self, version: int, parent: int | None) -> bool:
+        """Whether published ``version`` is on the live line, after making it live if
+        ``parent`` still is (its publish failed just before moving ``live``)."""
+        with self._publish_lock():
+            live = self.registry.live()
+            if live is not None and version in self.registry.lineage(live):
+                return True
+            if live == parent:
+                self.registry.set_live(version)
+                return True
+            return False
 
 
 def _pid_alive(pid: int) -> bool:

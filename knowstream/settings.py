@@ -52,10 +52,15 @@ class Settings(BaseSettings):
     max_batch_messages: int = 5000  # micro-batch cap
     poll_timeout_ms: int = 1500  # an empty poll this long ends a micro-batch
     session_timeout_ms: int = 6000  # tansu joins take ~half of this; keep it small
-    retry_attempts: int = 3  # `ingest --once` gives up after this many tries of a batch
+    retry_attempts: int = 3  # tries of a batch: all errors in --once, non-transient ones always
     retry_base_s: float = 1.0  # first backoff; doubles each retry
     retry_max_s: float = 60.0  # backoff cap (continuous ingest retries forever)
     broker_storage: str = "memory://tansu/"  # `knowstream up`: memory:// or s3://bucket/
+    max_message_bytes: int = 4 * 1024 * 1024  # larger messages are dead-lettered unparsed
+    # A dead letter's whole Kafka message (key, body, headers) stays under this; the
+    # payload is cut to fit. Must stay below the producer's max_request_size (1 MiB).
+    dead_letter_max_bytes: int = Field(64 * 1024, ge=4096, le=1_000_000)
+    stop_grace_s: float = 8.0  # after SIGINT/SIGTERM, exit by force after this long
 
     # --- Qdrant -------------------------------------------------------------------
     qdrant_url: str | None = None  # a server (http://host:6333); None = embedded

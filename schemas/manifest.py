@@ -31,6 +31,9 @@ class SnapshotManifest:
     counts: dict[str, int] = field(default_factory=dict)  # docs, chunks, triples, ...
     model_versions: dict[str, str] = field(default_factory=dict)  # embedder, amortizer, triples
     checksums: dict[str, str] = field(default_factory=dict)  # artifact -> sha256; "content"
+    # sha256 over the batch's source records (coordinates, timestamps, keys, values):
+    # tells a redelivery of this very batch from new records at the same offsets.
+    source_digest: str = ""
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> str:

@@ -211,7 +211,9 @@ def create_app(
         if address:
             remove_address(settings)
         if worker:
-            worker.stop()
+            # Not the whole batch: one cut short is abandoned safely (nothing committed,
+            # a half publish purged, a publish not yet committed resumed at restart).
+            worker.stop(timeout_s=settings.stop_grace_s / 2)
         live.stop()
 
     app = FastAPI(
@@ -269,10 +271,15 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict:
+        from knowstream.flows.ingest import read_health
+
         # A view older than a few refresh intervals means the registry is not answering.
         age = live.age_s()
         status = "ok" if age < max(30.0, 5 * poll_s) else "stale"
-        return {"status": status, "live": live.current, "live_age_s": round(age, 1)}
+        # The ingest worker's record when it shares this home ("failed" with its reason).
+        ingest = read_health(settings)
+        age_s = round(age, 1)
+        return {"status": status, "live": live.current, "live_age_s": age_s, "ingest": ingest}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:

@@ -25,9 +25,7 @@ from knowstream.connectors.kafka import (
     offsets_of,
     produce_file,
     read_range,
-    send_dead_letters,
 )
-from knowstream.schemas.event import dead_letter
 from knowstream.settings import Settings
 
 
@@ -205,57 +203,3 @@ def test_produce_file_reads_parquet_rows_as_json(kafka_settings: Settings, tmp_p
         {"doc_id": "a", "text": "one"},
         {"doc_id": "b", "text": "two"},
     ]
-
-
-def test_dead_letters_carry_reason_source_and_original_value(kafka_settings: Settings) -> None:
-    at = {"topic": kafka_settings.topic, "partition": 0}
-    letters = [
-        dead_letter(
-            {**at, "offset": 41},
-            stage="parse",
-            error="InvalidEvent",
-            reason="invalid_json",
-            detail="Expecting property name enclosed in double quotes",
-            key=b"doc-9",
-            value=b"{broken \xff",
-        ),
-        dead_letter(
-            {**at, "offset": 42},
-            stage="embed",
-            error="RuntimeError",
-            reason="stage_error",
-            detail="boom",
-            doc_id="doc-10",
-            key=b"doc-10",
-        ),
-    ]
-    send_dead_letters(kafka_settings, letters)
-
-    dlq = kafka_settings.dlq_topic
-    consumer = KafkaConsumer(bootstrap_servers=kafka_settings.bootstrap_servers)
-    tp = TopicPartition(dlq, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    raw = consumer.poll(timeout_ms=5000).get(tp, [])
-    consumer.close()
-
-    assert len(raw) == 2
-    first, second = (json.loads(r.value) for r in raw)
-    assert raw[0].key == b"doc-9" and raw[1].key == b"doc-10"
-    assert first == {
-        "stage": "parse",
-        "reason": "invalid_json",
-        "error": "InvalidEvent",
-        "detail": "Expecting property name enclosed in double quotes",
-        "doc_id": None,
-        "source": {"topic": kafka_settings.topic, "partition": 0, "offset": 41},
-        "value": "{broken \ufffd",
-    }
-    assert second["value"] is None and second["doc_id"] == "doc-10"
-    assert (second["stage"], second["error"], second["detail"]) == ("embed", "RuntimeError", "boom")
-    assert dict(raw[0].headers) == {
-        "reason": b"invalid_json",
-        "stage": b"parse",
-        "source_offset": b"41",
-    }
-    assert count_messages(kafka_settings, dlq) == 2

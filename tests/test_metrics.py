@@ -113,11 +113,11 @@ def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
     assert described.startswith("ingest from empty memory: 2 documents added or updated")
     assert "2 dead letters" in described
 
-    # A redelivered batch sends its dead letters again: status counts records once.
-    send_dead_letters(settings, first.dead_letters)
+    # A redelivered batch sends its dead letters again: none is duplicated (issue 8).
+    assert send_dead_letters(settings, first.dead_letters) == 0
     dlq = dead_letter_summary(settings)
     assert dlq == {
-        "messages": 4,
+        "messages": 2,
         "distinct": 2,
         "by_reason": {"invalid_json": 1, "missing_doc_id": 1},
     }

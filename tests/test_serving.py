@@ -58,6 +58,7 @@ def test_follows_live_after_admin_rollback(served):
         served.post("/admin/live", json={"version": 2})
     health = served.get("/healthz").json()
     assert (health["status"], health["live"]) == ("ok", 2)
+    assert health["ingest"]["state"] == "stopped"  # the worker's record, same home
     unknown = served.post("/admin/live", json={"version": 42})
     assert unknown.status_code == 404 and "42 does not exist" in unknown.json()["detail"]
 

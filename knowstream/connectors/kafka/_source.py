@@ -57,6 +57,7 @@ class KafkaRecord:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def offsets_of(records: Iterable[KafkaRecord]) -> list[dict]:
@@ -168,6 +169,11 @@ class BatchConsumer:
                 out[tp.partition] = max(0, high - self._consumer.position(tp))
         return out
 
+    def rewind(self, records: Sequence[KafkaRecord]) -> None:
+        """Deliver ``records`` (polled, not processed) again at the next poll."""
+        for span in offsets_of(records):
+            self._consumer.seek(TopicPartition(span["topic"], span["partition"]), span["start"])
+
     def _await_assignment(self, limit: int) -> list[KafkaRecord]:
         records: list[KafkaRecord] = []
         deadline = time.monotonic() + self._join_timeout_s
@@ -238,6 +244,35 @@ def committed_offsets(settings: Settings, group_id: str) -> dict[int, int]:
     }
 
 
+def group_position(settings: Settings, group_id: str, partition: int) -> int:
+    """The offset ``group_id`` reads next on ``settings.topic[partition]``: its
+    committed offset, else the partition's first (the group starts at the beginning)."""
+    committed = committed_offsets(settings, group_id)
+    if partition in committed:
+        return committed[partition]
+    with _GrouplessConsumer(settings) as consumer:
+        if partition not in consumer.partitions(settings.topic):
+            raise LookupError(f"topic {settings.topic!r} has no partition {partition}")
+        return consumer.beginning(settings.topic, partition)
+
+
+def commit_offset(settings: Settings, group_id: str, partition: int, offset: int) -> None:
+    """Commit ``offset`` for ``group_id`` on ``settings.topic[partition]`` from outside
+    the group (no join). The broker refuses it while the group has members."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        group_id=group_id,
+        client_id="knowstream-skip",
+        enable_auto_commit=False,
+    )
+    try:
+        tp = TopicPartition(settings.topic, partition)
+        consumer.assign([tp])  # manual assignment: commits without a group generation
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+    finally:
+        consumer.close(autocommit=False)
+
+
 def consumer_lag(settings: Settings, group_id: str) -> dict:
     """Records of ``settings.topic`` not yet committed by ``group_id``:
     ``{"total": int, "partitions": {partition: int}}``.
@@ -287,6 +322,10 @@ class _GrouplessConsumer:
 
     def partitions(self, topic: str) -> list[int]:
         return sorted(self._consumer.partitions_for_topic(topic))
+
+    def beginning(self, topic: str, partition: int) -> int:
+        tp = TopicPartition(topic, partition)
+        return self._consumer.beginning_offsets([tp])[tp]
 
     def seek_times(
         self, topic: str, starts: Mapping[int, int | None], ts_ms: int
@@ -355,7 +394,8 @@ def _poll(
 
 
 def _record(r: ConsumerRecord) -> KafkaRecord:
-    return KafkaRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+    headers = tuple((k, v) for k, v in r.headers or ())
+    return KafkaRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp, headers)
 
 
 def _drained(

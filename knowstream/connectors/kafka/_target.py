@@ -93,7 +93,9 @@ class EventProducer:
         if self._errors:
             failed, first = len(self._errors), self._errors[0]
             self._errors.clear()
-            raise KafkaError(f"{failed} message(s) were not delivered; first error: {first!r}")
+            raise KafkaError(
+                f"{failed} message(s) were not delivered; first error: {first!r}"
+            ) from first
 
 
 def produce_file(
@@ -130,42 +132,129 @@ def produce_file(
     return sent
 
 
-def send_dead_letters(settings: Settings, letters: list[dict[str, Any]]) -> None:
-    """Publish records the pipeline rejected to ``settings.dlq_topic``.
+def send_dead_letters(
+    settings: Settings, letters: list[dict[str, Any]], *, since_ms: int | None = None
+) -> int:
+    """Publish records the pipeline rejected to ``settings.dlq_topic``, each at most
+    once; returns how many were sent now.
 
-    Each letter is a ``DEAD_LETTER_SCHEMA`` row. The dead letter keeps the original
-    key and carries, as JSON, the stage that refused the record, the reason (a
-    short machine code such as ``invalid_json``), the error class, a human-readable
-    detail, the doc id if known, where the record came from, and the original value
-    (as text, undecodable bytes replaced). ``reason``, ``stage`` and
-    ``source_offset`` are also Kafka headers, so tools can filter without parsing
-    values.
+    A letter is a ``DEAD_LETTER_SCHEMA`` row: the source coordinates ``topic,
+    partition, offset``, ``reason`` and, when known, ``stage`` (default "parse"),
+    ``error`` (exception class), ``detail``, ``doc_id``, ``key`` and ``value`` (the
+    message as received). See ``dead_letter_message`` for what goes on the topic.
+
+    Idempotent: a letter whose source coordinates are already on the DLQ is not
+    sent again, so a batch retried after a failure between its dead letters and its
+    commit does not duplicate them. The DLQ is read from ``since_ms`` (the oldest
+    source record's timestamp; a dead letter is always written after its record)
+    minus ``CLOCK_SKEW_MS``; ``None`` reads all of it.
     """
     if not letters:
-        return
+        return 0
     ensure_topics(settings, [settings.dlq_topic], settings.partitions)
+    unique = {source_id(letter): letter for letter in reversed(letters)}  # first one wins
+    # Kafka reads timestamps below 0 as "latest"/"earliest": those mean "read it all".
+    start_ms = None if since_ms is None or since_ms <= CLOCK_SKEW_MS else since_ms - CLOCK_SKEW_MS
+    on_topic = dead_letter_sources(settings, start_ms)
+    sent = 0
     with EventProducer(settings) as producer:
-        for letter in letters:
-            value = letter["value"]
-            body = {
-                "stage": letter["stage"],
-                "reason": letter["reason"],
-                "error": letter["error"],
-                "detail": letter["detail"],
-                "doc_id": letter["doc_id"],
-                "source": {
-                    "topic": letter["topic"],
-                    "partition": letter["partition"],
-                    "offset": letter["offset"],
-                },
-                "value": None if value is None else value.decode("utf-8", errors="replace"),
-            }
-            headers = [
-                ("reason", str(letter["reason"]).encode()),
-                ("stage", str(letter["stage"]).encode()),
-                ("source_offset", str(letter["offset"]).encode()),
-            ]
-            producer.send(settings.dlq_topic, letter["key"], json.dumps(body).encode(), headers)
+        for sid, letter in sorted(unique.items()):
+            if sid not in on_topic:
+                producer.send(
+                    settings.dlq_topic, *dead_letter_message(letter, settings.dead_letter_max_bytes)
+                )
+                sent += 1
+    return sent
+
+
+# Tolerated difference between the source producer's clock and ours (see above).
+CLOCK_SKEW_MS = 60 * 60 * 1000
+# Text fields of a dead letter are cut to this many characters (exception messages
+# may quote the whole input).
+TEXT_CHARS = 1000
+KEY_BYTES = 1024  # a longer key is cut as well
+# What a Kafka record adds around key, value and headers (lengths, attributes,
+# batch header), with room to spare.
+RECORD_OVERHEAD = 512
+
+
+def source_id(letter: dict[str, Any]) -> str:
+    """The idempotency key of a dead letter: its source coordinates."""
+    return f"{letter['topic']}/{letter['partition']}/{letter['offset']}"
+
+
+def dead_letter_sources(settings: Settings, start_ts_ms: int | None = None) -> set[str]:
+    """Source ids of the dead letters on ``settings.dlq_topic`` written since
+    ``start_ts_ms`` (all of them when ``None``)."""
+    from knowstream.connectors.kafka._source import read_range
+
+    found = set()
+    for r in read_range(settings, settings.dlq_topic, start_ts_ms=start_ts_ms):
+        sid = dict(r.headers).get("source")
+        if sid is None:  # written before the header existed
+            try:
+                source = json.loads(r.value or b"")["source"]
+                sid = source_id(source)
+            except (ValueError, KeyError, TypeError):
+                continue
+        found.add(sid.decode() if isinstance(sid, bytes) else sid)
+    return found
+
+
+def dead_letter_message(
+    letter: dict[str, Any], max_bytes: int
+) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """Key, value and headers of one dead letter, together under ``max_bytes``.
+
+    The key is the original key (cut to ``KEY_BYTES``). The value is JSON:
+    ``source`` (topic, partition, offset), ``stage``, ``error``, ``reason``,
+    ``detail``, ``doc_id``, and the original ``value`` as text (undecodable bytes replaced),
+    cut to what fits; ``truncated`` says whether key or value was cut and
+    ``value_bytes`` is the original value's size. Headers ``source`` (the
+    idempotency key), ``stage``, ``reason`` and ``source_offset`` let tools
+    filter without parsing values.
+    """
+    raw_key, raw_value = letter.get("key"), letter.get("value")
+    key = None if raw_key is None else bytes(raw_key[:KEY_BYTES])
+    body = {
+        "stage": letter.get("stage") or "parse",
+        "error": _cut(letter.get("error")),
+        "reason": _cut(letter.get("reason")),
+        "detail": _cut(letter.get("detail")),
+        "doc_id": _cut(letter.get("doc_id")),
+        "source": {k: letter[k] for k in ("topic", "partition", "offset")},
+        "value": None,
+        "value_bytes": None if raw_value is None else len(raw_value),
+        "truncated": key is not None and len(key) < len(raw_key),
+    }
+    headers = [
+        ("source", source_id(letter).encode()),
+        ("stage", body["stage"].encode()),
+        ("reason", str(body["reason"])[:256].encode()),
+        ("source_offset", str(letter["offset"]).encode()),
+    ]
+    fixed = RECORD_OVERHEAD + len(key or b"") + sum(len(k) + len(v) for k, v in headers)
+
+    def encode(n: int) -> bytes:
+        if raw_value is not None:
+            body["value"] = raw_value[:n].decode("utf-8", errors="replace")
+            body["truncated"] |= n < len(raw_value)
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+    n = 0 if raw_value is None else min(len(raw_value), max_bytes)
+    value = encode(n)
+    while fixed + len(value) > max_bytes:
+        if n == 0:
+            raise ValueError(f"dead letter of {source_id(letter)} cannot fit in {max_bytes} bytes")
+        # Escapes make the JSON up to 6x longer than the bytes it holds: cut in
+        # proportion, measure, repeat.
+        n = max(0, min(n - 1, n * (max_bytes - fixed) // len(value)))
+        value = encode(n)
+    return key, value, headers
+
+
+def _cut(text: object) -> str | None:
+    return None if text is None else str(text)[:TEXT_CHARS]
 
 
 def _jsonl_messages(path: Path) -> Iterator[tuple[bytes | None, bytes]]:

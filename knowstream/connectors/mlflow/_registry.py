@@ -151,6 +151,7 @@ class Registry:
             "counts": json.dumps(manifest.counts, sort_keys=True),
             "model_versions": json.dumps(manifest.model_versions, sort_keys=True),
             "content_checksum": manifest.checksums.get("delta", ""),
+            "source_digest": manifest.source_digest,
         }
         for k, v in tags.items():
             self.client.set_model_version_tag(self.name, str(version), k, v)
@@ -253,6 +254,16 @@ class Registry:
     def retire(self, version: int) -> None:
         """Mark a version retired: its points are gone, it can no longer be read."""
         self.client.set_model_version_tag(self.name, str(version), "state", "retired")
+
+    def download_snapshot_files(self, version: int, prefix: str, dest: Path) -> list[Path]:
+        """The version's snapshot artifacts whose names start with ``prefix``, downloaded
+        under ``dest``."""
+        run_id = self.get(version).run_id
+        return [
+            Path(self.client.download_artifacts(run_id, f.path, str(dest)))
+            for f in self.client.list_artifacts(run_id, "snapshot")
+            if not f.is_dir and f.path.rpartition("/")[2].startswith(prefix)
+        ]
 
     def manifest(self, version: int) -> SnapshotManifest:
         info = self.get(version)
