@@ -130,10 +130,10 @@ def ingest_flow(
                 return None
             since_ms = min(r.timestamp_ms for r in records)  # no dead letter is older
             if (resumed := resume(settings, memory, records)) is not None:
-                report, done = resumed
+                report, published = resumed
                 send_dead_letters(settings, report.dead_letters, since_ms=since_ms)
-                consumer.commit(done)
-                finished = {id(r) for r in done}
+                consumer.commit(published)
+                finished = {id(r) for r in published}
                 consumer.rewind([r for r in records if id(r) not in finished])
                 report.lag = consumer.backlog()
                 return report

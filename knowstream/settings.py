@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = 4 * 1024 * 1024  # larger messages are dead-lettered unparsed
     # A dead letter's whole Kafka message (key, body, headers) stays under this; the
     # payload is cut to fit. Must stay below the producer's max_request_size (1 MiB).
-    dead_letter_max_bytes: int = Field(64 * 1024, ge=4096, le=1_000_000)
+    dead_letter_max_bytes: Annotated[int, Field(ge=4096, le=1_000_000)] = 64 * 1024
     stop_grace_s: float = 8.0  # after SIGINT/SIGTERM, exit by force after this long
 
     # --- Qdrant -------------------------------------------------------------------

@@ -188,16 +188,16 @@ def dead_letter_sources(settings: Settings, start_ts_ms: int | None = None) -> s
     ``start_ts_ms`` (all of them when ``None``)."""
     from knowstream.connectors.kafka._source import read_range
 
-    found = set()
+    found: set[str] = set()
     for r in read_range(settings, settings.dlq_topic, start_ts_ms=start_ts_ms):
-        sid = dict(r.headers).get("source")
-        if sid is None:  # written before the header existed
-            try:
-                source = json.loads(r.value or b"")["source"]
-                sid = source_id(source)
-            except (ValueError, KeyError, TypeError):
-                continue
-        found.add(sid.decode() if isinstance(sid, bytes) else sid)
+        header = dict(r.headers).get("source")
+        if header is not None:
+            found.add(header.decode())
+            continue
+        try:  # written before the header existed
+            found.add(source_id(json.loads(r.value or b"")["source"]))
+        except (ValueError, KeyError, TypeError):
+            continue
     return found
 
 
@@ -214,10 +214,12 @@ def dead_letter_message(
     idempotency key), ``stage``, ``reason`` and ``source_offset`` let tools
     filter without parsing values.
     """
-    raw_key, raw_value = letter.get("key"), letter.get("value")
+    raw_key: bytes | None = letter.get("key")
+    raw_value: bytes | None = letter.get("value")
     key = None if raw_key is None else bytes(raw_key[:KEY_BYTES])
-    body = {
-        "stage": letter.get("stage") or "parse",
+    stage = str(letter.get("stage") or "parse")
+    body: dict[str, Any] = {
+        "stage": stage,
         "error": _cut(letter.get("error")),
         "reason": _cut(letter.get("reason")),
         "detail": _cut(letter.get("detail")),
@@ -225,11 +227,11 @@ def dead_letter_message(
         "source": {k: letter[k] for k in ("topic", "partition", "offset")},
         "value": None,
         "value_bytes": None if raw_value is None else len(raw_value),
-        "truncated": key is not None and len(key) < len(raw_key),
+        "truncated": raw_key is not None and len(raw_key) > KEY_BYTES,
     }
     headers = [
         ("source", source_id(letter).encode()),
-        ("stage", body["stage"].encode()),
+        ("stage", stage.encode()),
         ("reason", str(body["reason"])[:256].encode()),
         ("source_offset", str(letter["offset"]).encode()),
     ]
