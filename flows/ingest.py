@@ -45,7 +45,7 @@ from knowstream.flows.batch import BatchReport, process_batch
 from knowstream.flows.observe import after_batch
 from knowstream.flows.resume import resume
 from knowstream.flows.retries import is_transient, retryable, stop_after
-from knowstream.flows.stopping import Stopped, stop_signal
+from knowstream.flows.stopping import Stopped, rearm, stop_signal
 from knowstream.memory import Memory, StaleParent
 from knowstream.settings import Settings
 
@@ -195,6 +195,7 @@ def ingest_flow(
     if window:
         window.daemon = True
         window.start()
+    rearm()  # our SIGTERM handler over Prefect's bridge (flows/stopping.py)
     write_health(settings, state="running", batches=0)
     try:
         try:

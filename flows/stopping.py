@@ -92,12 +92,28 @@ def stop_on_signals(grace_s: float) -> Iterator[None]:
         raise Stopped(signum)
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    _handler.append(handler)
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         _received.clear()
+        _handler.clear()
+
+
+_handler: list = []  # the handler of the active ``stop_on_signals``
+
+
+def rearm() -> None:
+    """Put the active ``stop_on_signals`` handler back on SIGTERM inside a flow run.
+
+    A Prefect flow run replaces it with its own bridge, whose ``TerminationSignal``
+    a library on the way may swallow; then nothing records the stop (a probe ran
+    on through 5 batches after a SIGTERM in a test run). Prefect restores ours when the run ends.
+    """
+    if _handler and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handler[0])
 
 
 def exit_now(code: int) -> NoReturn:
