@@ -27,13 +27,10 @@ for ``knowstream status`` and the API's ``/healthz``.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
@@ -46,22 +43,9 @@ from knowstream.flows.observe import after_batch
 from knowstream.flows.resume import resume
 from knowstream.flows.retries import is_transient, retryable, stop_after
 from knowstream.flows.stopping import Stopped, rearm, stop_signal
+from knowstream.health import write_health
 from knowstream.memory import Memory, StaleParent
 from knowstream.settings import Settings
-
-
-def health_path(settings: Settings):
-    return settings.run_dir / "ingest.json"
-
-
-def write_health(settings: Settings, **fields) -> None:
-    """Atomically replace the worker's health record."""
-    path = health_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"pid": os.getpid(), "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**record, **fields}, default=str))
-    tmp.replace(path)
 
 
 def _require_broker(settings: Settings, timeout_s: float = 2.0) -> None:
@@ -74,13 +58,6 @@ def _require_broker(settings: Settings, timeout_s: float = 2.0) -> None:
         except (OSError, ValueError):
             continue
     raise ConnectionError(f"Kafka broker unreachable at {settings.bootstrap_servers}")
-
-
-def read_health(settings: Settings) -> dict | None:
-    try:
-        return json.loads(health_path(settings).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @flow(name="ingest", log_prints=True)

@@ -201,7 +201,7 @@ def status(ctx: typer.Context) -> None:
     from knowstream.connectors.kafka import consumer_lag, dead_letter_summary, require_broker
     from knowstream.connectors.mlflow import Registry
     from knowstream.errors import BrokerUnreachable
-    from knowstream.flows.ingest import read_health
+    from knowstream.health import read_health
     from knowstream.infra import services
 
     s = _settings(ctx)
@@ -581,6 +581,8 @@ def serve(
     the one process that holds the embedded store; other commands go through it."""
     import uvicorn
 
+    from knowstream.flows.backfill import backfill_flow
+    from knowstream.flows.ingest import ingest_flow
     from knowstream.flows.stopping import exit_now, start_prefect_api
     from knowstream.serving.app import create_app
 
@@ -591,7 +593,12 @@ def serve(
         start_prefect_api()  # its flows' API: in its own session (see flows/stopping.py)
     with _store():
         reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # where clients connect
-        app_ = create_app(s, ingest=ingest, address=f"http://{reach}:{port}")
+        app_ = create_app(
+            s,
+            ingest_flow=ingest_flow if ingest else None,
+            backfill_flow=backfill_flow,
+            address=f"http://{reach}:{port}",
+        )
     # SIGINT/SIGTERM: uvicorn stops accepting, gives open requests 5 s and runs the
     # shutdown hooks. Then exit without the interpreter's teardown (4-5 s measured).
     try:

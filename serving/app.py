@@ -13,7 +13,7 @@
   ingest worker's health. The CLI uses these while the server holds the store
   (see ``serving/client.py``).
 
-With ``ingest=True`` (``serve --ingest``) the continuous ingest flow runs in a
+With ``ingest_flow`` given (``serve --ingest``) the continuous ingest flow runs in a
 thread of the same process, over the same embedded store: the one process that
 may open it. The server writes its address to ``<home>/run/server.json``.
 
@@ -30,7 +30,8 @@ import hmac
 import logging
 import threading
 import time
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +41,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from knowstream import metrics as metrics_module
 from knowstream.errors import AmortizerMismatch, VersionNotFound, VersionNotServable
+from knowstream.health import read_health
 from knowstream.memory import Memory
 from knowstream.serving.client import remove_address, write_address
 from knowstream.serving.generate import answer, retrieve
@@ -110,8 +112,8 @@ class BackfillRequest(BaseModel):
 class IngestWorker:
     """The continuous ingest flow in a thread of the server process."""
 
-    def __init__(self, settings: Settings, on_batch) -> None:
-        self.settings, self.on_batch = settings, on_batch
+    def __init__(self, settings: Settings, flow: Callable[..., object], on_batch) -> None:
+        self.settings, self.flow, self.on_batch = settings, flow, on_batch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
 
@@ -124,10 +126,8 @@ class IngestWorker:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        from knowstream.flows.ingest import ingest_flow
-
         try:
-            ingest_flow(self.settings, once=False, on_batch=self.on_batch, stop=self._stop)
+            self.flow(self.settings, once=False, on_batch=self.on_batch, stop=self._stop)
         except Exception:  # its health record says why; serving goes on
             log.exception("the ingest worker stopped")
 
@@ -180,11 +180,15 @@ def create_app(
     *,
     poll_s: float = 2.0,
     metrics: metrics_module.Metrics | None = None,
-    ingest: bool = False,
+    ingest_flow: Callable[..., object] | None = None,
+    backfill_flow: Callable[..., Any] | None = None,
     address: str | None = None,
 ) -> FastAPI:
-    """``metrics``: default: the process's registry (shared with the ingest worker of
-    ``ingest=True``). ``address``: the URL to publish in ``<home>/run/server.json``."""
+    """``metrics``: default: the process's registry (shared with the ingest worker).
+    ``ingest_flow``: run it continuously in a thread (``serve --ingest``);
+    ``backfill_flow``: what ``/admin/backfill`` runs. The CLI hands both in, so
+    serving imports no flows. ``address``: the URL to publish in
+    ``<home>/run/server.json``."""
     memory = Memory(settings)
     memory.open_store()  # a held store fails the start with its one line
     metrics = metrics or metrics_module.default()
@@ -198,7 +202,12 @@ def create_app(
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token")
 
-    worker = IngestWorker(settings, on_batch=lambda report: live.refresh()) if ingest else None
+    ingest = ingest_flow is not None
+    worker = (
+        IngestWorker(settings, ingest_flow, on_batch=lambda report: live.refresh())
+        if ingest_flow
+        else None
+    )
 
     def started() -> None:
         live.start()
@@ -271,8 +280,6 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict:
-        from knowstream.flows.ingest import read_health
-
         # A view older than a few refresh intervals means the registry is not answering.
         age = live.age_s()
         status = "ok" if age < max(30.0, 5 * poll_s) else "stale"
@@ -331,14 +338,12 @@ def create_app(
 
     @app.get("/admin/status", dependencies=[Depends(authorized)])
     def status() -> dict:
-        from knowstream.flows.ingest import read_health
-
         return {"live": live.refresh(), "ingest": read_health(settings), "serve_ingest": ingest}
 
     @app.post("/admin/backfill", dependencies=[Depends(authorized)])
     def backfill(req: BackfillRequest) -> dict:
-        from knowstream.flows.backfill import backfill_flow
-
+        if backfill_flow is None:
+            raise HTTPException(501, "this server runs no backfills")
         try:
             report = backfill_flow(settings, **req.model_dump())
         except (ValueError, LookupError) as e:

@@ -21,7 +21,8 @@ from knowstream.connectors.kafka import (
 )
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.backfill import backfill_flow, promote_flow, rollback_flow
-from knowstream.flows.ingest import ingest_flow, read_health
+from knowstream.flows.ingest import ingest_flow
+from knowstream.health import read_health
 from knowstream.memory import Memory, PublishError, StaleParent
 from knowstream.query import query
 from knowstream.schemas.staged import StagedBatch

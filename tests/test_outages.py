@@ -23,7 +23,8 @@ import pytest
 from knowstream.connectors.kafka import committed_offsets, produce_file
 from knowstream.connectors.qdrant import StoreHeld, close_clients
 from knowstream.flows.batch import BatchReport
-from knowstream.flows.ingest import ingest_flow, read_health
+from knowstream.flows.ingest import ingest_flow
+from knowstream.health import read_health
 from knowstream.infra.services import (
     start_broker,
     start_mlflow_server,

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from knowstream.cli import app
 from knowstream.connectors.kafka import produce_file
 from knowstream.connectors.qdrant import close_clients
-from knowstream.flows.ingest import ingest_flow, read_health
+from knowstream.flows.ingest import ingest_flow
+from knowstream.health import read_health
 from knowstream.infra.services import start_beam, start_s3, stop_beam, stop_s3
 from knowstream.memory import Memory
 from knowstream.pipelines.pipeline import PipelineFailed

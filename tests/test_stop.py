@@ -23,7 +23,8 @@ import pytest
 
 from knowstream.connectors.kafka import committed_offsets, produce_file, read_range
 from knowstream.connectors.qdrant import close_clients
-from knowstream.flows.ingest import ingest_flow, read_health
+from knowstream.flows.ingest import ingest_flow
+from knowstream.health import read_health
 from knowstream.memory import Memory
 from knowstream.serving.client import address_path
 from knowstream.settings import Settings

@@ -25,7 +25,8 @@ from knowstream.connectors.kafka import (
 )
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.batch import process_batch
-from knowstream.flows.ingest import ingest_flow, read_health
+from knowstream.flows.ingest import ingest_flow
+from knowstream.health import read_health
 from knowstream.memory import Memory
 from knowstream.models.inference import bundled_checkpoint
 from knowstream.settings import Settings
