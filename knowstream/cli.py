@@ -678,6 +678,42 @@ def evaluate(
     saved.write_text(json.dumps(res, indent=1))
 
 
+@app.command("retrieve")
+def retrieve_hits(
+    data: Annotated[Path, typer.Option(help="SQuAD-format JSONL (.gz ok).")],
+    out: Annotated[Path, typer.Option(help="The hits file to write (JSON).")],
+    split_file: Annotated[Path, typer.Option(help="Article split lists.")] = Path(
+        "data/splits/squad_v1.1.json"
+    ),
+    split: Annotated[str, typer.Option(help="train | validation | eval")] = "eval",
+    top: Annotated[int, typer.Option(help="Hits kept per question.")] = 50,
+) -> None:
+    """Each question's best chunks (the pipeline's chunker and embedder, exact cosine), the
+    hits file that `eval --retrieval` and the GPU evaluation read."""
+    from knowstream.models.retrieve import retrieve_split
+
+    if not data.is_file():
+        raise BadInput(f"--data {data}: no such file")
+    if split not in ("train", "validation", "eval"):
+        raise BadInput(f"--split {split!r}: give train, validation or eval")
+    n, hit1 = retrieve_split(data, split_file, split, out, top)
+    console.print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f} -> {out}")
+
+
+@app.command("plot")
+def plot_result(
+    result: Annotated[Path, typer.Argument(help="Result JSON of `knowstream eval --out`.")],
+    out: Annotated[Path, typer.Argument(help="The PNG to write.")],
+) -> None:
+    """F1 per mode of an evaluation result, each MAC bar beside its control, as a PNG."""
+    from knowstream.models.plot_eval import plot
+
+    if not result.is_file():
+        raise BadInput(f"{result}: no such file (write one with `knowstream eval --out`)")
+    plot(str(result), str(out))
+    console.print(f"wrote {out}")
+
+
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context) -> None:
     """Train MAC: runs the script models/train.py with --name=value options, each a

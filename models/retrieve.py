@@ -65,9 +65,22 @@ def load_retrieval(path: str | Path) -> dict[str, list[tuple[str, str]]]:
     return ranked_hits(json.loads(Path(path).read_text()))
 
 
-def main() -> None:
+def retrieve_split(
+    data: str | Path, split_file: str | Path, split: str, out: str | Path, top: int = TOP
+) -> tuple[int, float]:
+    """Write the hits of one split's questions to ``out``; returns (questions, the
+    fraction whose top-1 chunk comes from the gold passage)."""
     from knowstream.models.encoder import load_encoder
 
+    records = select(load_qa(data), load_split(split_file)[split])
+    result = retrieve(records, load_encoder(), top)
+    Path(out).write_text(json.dumps(result))
+    chunks, hits = result["chunks"], result["hits"]
+    hit1 = float(np.mean([chunks[hits[r.question_id][0]][0] == r.doc_id for r in records]))
+    return len(records), hit1
+
+
+def main() -> None:
     p = argparse.ArgumentParser(description="top chunks per question of a split (JSON)")
     p.add_argument("--data", required=True, help="SQuAD-format JSONL (.gz ok)")
     p.add_argument("--split-file", default="data/splits/squad_v1.1.json")
@@ -75,12 +88,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=TOP)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    records = select(load_qa(a.data), load_split(a.split_file)[a.split])
-    result = retrieve(records, load_encoder(), a.top)
-    Path(a.out).write_text(json.dumps(result))
-    chunks, hits = result["chunks"], result["hits"]
-    hit1 = np.mean([chunks[hits[r.question_id][0]][0] == r.doc_id for r in records])
-    print(f"{len(records)} questions, top-1 chunk from the gold passage: {hit1:.3f}")
+    n, hit1 = retrieve_split(a.data, a.split_file, a.split, a.out, a.top)
+    print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f}")
 
 
 if __name__ == "__main__":

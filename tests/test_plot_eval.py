@@ -33,3 +33,20 @@ def test_draws_each_mode_with_its_control(tmp_path):
     done = run(str(tmp_path / "r.json"), str(tmp_path / "r.png"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def knowstream(*args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "knowstream.cli", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def test_plot_is_a_cli_subcommand(tmp_path):
+    rows = {"rag@3": {"f1": 12.0, "f1_ci": [11.0, 13.0]}}
+    result = {"rows": rows, "split": "eval", "n": 3, "mac_version": None, "device": "cpu"}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    done = knowstream("plot", str(tmp_path / "r.json"), str(tmp_path / "r.png"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = knowstream("plot", str(tmp_path / "nothing.json"), str(tmp_path / "x.png"))
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0 and "no such file" in missing.stderr
