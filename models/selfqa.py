@@ -21,6 +21,7 @@ import argparse
 import gzip
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -31,10 +32,45 @@ from knowstream.models.qa_data import load_qa, load_split, select
 
 QUESTION_INSTRUCTION = (
     "Write one short question about a fact stated in the passage, that the passage answers "
-    "with a few words. Reply with the question only.\n\n"
-    "Example passage: The Eiffel Tower was completed in 1889 for the World's Fair in Paris.\n"
-    "Example question: When was the Eiffel Tower completed?\n\nPassage: "
+    "with a few words. Reply with the question only.\n\nPassage: "
 )
+# Worked examples as earlier chat turns: placed inside the instruction, SmolLM2-135M
+# copied their labels ("Example question: ...") instead of following them.
+EXAMPLES = (
+    (
+        "The Eiffel Tower was completed in 1889 for the World's Fair in Paris. Its designer, "
+        "Gustave Eiffel, also built the internal frame of the Statue of Liberty.",
+        "Who designed the Eiffel Tower?",
+    ),
+    (
+        "The Amazon River carries more water than any other river. Its basin covers about "
+        "seven million square kilometres, most of it in Brazil.",
+        "Which country holds most of the Amazon basin?",
+    ),
+)
+LABEL = re.compile(r"^(?:[A-Za-z]+ )?question\s*\d*\s*:\s*", re.IGNORECASE)
+
+
+def question_prompts(tokenizer, passages: list[str]) -> list[list[int]]:
+    """Token ids of the question-writing chat: the worked examples, then the passage."""
+    shots = []
+    for text, question in EXAMPLES:
+        shots += [
+            {"role": "user", "content": QUESTION_INSTRUCTION + text},
+            {"role": "assistant", "content": question},
+        ]
+    texts = tokenizer.apply_chat_template(
+        [shots + [{"role": "user", "content": QUESTION_INSTRUCTION + p}] for p in passages],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def clean_question(text: str) -> str:
+    """The first line, without a leading label such as "Question:"."""
+    lines = text.strip().splitlines()
+    return LABEL.sub("", " ".join(lines[0].split())) if lines else ""
 
 
 def keep_question(q: str) -> bool:
@@ -57,7 +93,7 @@ def self_qa(
     ``docs`` = [(doc_id, title, text)], up to ``per_doc`` questions each."""
     gen = torch.Generator(device=lm.device).manual_seed(seed)
     jobs = [d for d in docs for _ in range(per_doc)]
-    prompts = chat_prompts(tokenizer, [QUESTION_INSTRUCTION + text for _, _, text in jobs])
+    prompts = question_prompts(tokenizer, [text for _, _, text in jobs])
     order = sorted(range(len(jobs)), key=lambda i: len(prompts[i]))  # less padding
     questions: dict[str, list[str]] = {}
     t0 = time.time()
@@ -68,7 +104,7 @@ def self_qa(
             temperature=temperature, generator=gen,
         )  # fmt: skip
         for i, q in zip(idx, outs, strict=True):
-            q = " ".join(q.split())
+            q = clean_question(q)
             seen = questions.setdefault(jobs[i][0], [])
             if keep_question(q) and q not in seen:
                 seen.append(q)

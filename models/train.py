@@ -100,6 +100,8 @@ class TrainConfig:
     gold_weight: float = 1.0  # student NLL of gold answers
     task_weight: float = 1.0  # teacher NLL of gold answers (trains the task prompt)
     rag_frac: float = 0.0  # fraction of student questions asked with their passage (mac+rag)
+    kd_focus: float = 0.0  # 0..1: weight KD tokens by what the passage changes (see kd_weights)
+    freeze_task: bool = False  # keep the task prompt as loaded (--init_from): a fixed teacher
     max_answer_tokens: int = 24  # longer answers are cut (the EOS is then not trained)
     # --- validation ---
     eval_every: int = 100  # steps between validation passes
@@ -233,7 +235,7 @@ def step_losses(mac, lm, tokenizer, encoder, data: Batches, texts, owner, flat, 
     # Teacher: task prompt (if any) + passage + question. It has gradients only to
     # train the task prompt; its distribution is a detached target for the student.
     t_cache, t_P = task_cache(mac, B, lm.dtype)
-    need_task_grad = cfg.task_weight > 0 and t_cache is not None
+    need_task_grad = cfg.task_weight > 0 and t_cache is not None and not cfg.freeze_task
     with torch.set_grad_enabled(need_task_grad and torch.is_grad_enabled()):
         t_logits, target, rows = answer_logits(
             lm, [data.passage_prompts[i] for i in flat], answers, t_cache, t_P
@@ -250,10 +252,29 @@ def step_losses(mac, lm, tokenizer, encoder, data: Batches, texts, owner, flat, 
         )
         s_nll = per_question(F.cross_entropy(s_logits, target, reduction="none"), rows, B)
         out["gold_nll"] = (s_nll * gold).sum() / gold.sum().clamp(min=1)
-        out["kd"] = kl_per_token(t_logits.detach(), s_logits).mean()
+        kl = kl_per_token(t_logits.detach(), s_logits)
+        if cfg.kd_focus > 0:
+            with torch.no_grad():
+                base, _, _ = answer_logits(
+                    lm, [data.prompts[i] for i in flat], answers, t_cache, t_P
+                )
+            w = kd_weights(t_logits.detach(), base, cfg.kd_focus)
+            out["kd"] = (w * kl).sum() / w.sum()
+        else:
+            out["kd"] = kl.mean()
         loss = loss + cfg.gold_weight * out["gold_nll"] + cfg.kd_weight * out["kd"]
     out["loss"] = loss
     return out
+
+
+def kd_weights(teacher: Tensor, closed_book: Tensor, focus: float) -> Tensor:
+    """(n_tok,) weights of the KD tokens, mean 1 at ``focus`` = 1: the more the passage
+    moves the teacher's next-token distribution away from the closed-book one (same task
+    prompt, no passage), the more the token weighs. Answer format is predicted alike with
+    or without the passage, so its tokens no longer outweigh the ones only the document
+    can tell."""
+    gain = kl_per_token(teacher, closed_book).clamp(min=0)
+    return (1 - focus) + focus * gain / gain.mean().clamp(min=1e-6)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -329,8 +350,14 @@ def train(
     sizes = [int(s) for s in cfg.curriculum.split(",")]
     tr = Batches(train_records, tokenizer, cfg)
     va = Batches(val_records, tokenizer, cfg) if val_records else None
+    if mac.expansion.task is not None:
+        mac.expansion.task.requires_grad_(not (cfg.train_mac and cfg.freeze_task))
     if cfg.train_mac:
-        named = list(mac.named_parameters())
+        named = [
+            (n, p)
+            for n, p in mac.named_parameters()
+            if not (cfg.freeze_task and n == "expansion.task")
+        ]
     else:
         assert mac.expansion.task is not None, (
             "train_mac=False trains the task prompt: task_len > 0"

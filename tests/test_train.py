@@ -141,6 +141,35 @@ def test_task_only_training_leaves_the_memory_networks_alone(tokenizer):
     assert all(torch.equal(v, mac.amortizer.state_dict()[k]) for k, v in amortizer.items())
 
 
+def test_frozen_task_prompt_stays_and_focused_kd_still_trains_the_memory(tokenizer):
+    lm, _ = tiny_lm_and_mac(tokenizer)
+    cfg = tiny_config(max_steps=6, task_len=2, prefix_len=3, freeze_task=True, kd_focus=1.0)
+    mac = MAC.init(
+        MACConfig(
+            n_tokens=4, d_lm=64, n_layers_lm=2, n_kv_heads=2, head_dim=16, prefix_len=3,
+            task_len=2, d_model=32, n_heads=4, mlp_hidden=64, token_hidden=8,
+        )
+    )  # fmt: skip
+    task = mac.expansion.task.detach().clone()
+    amortizer = {k: v.clone() for k, v in mac.amortizer.state_dict().items()}
+    m = train_mod.train(
+        mac, lm, tokenizer, load_encoder(), load_qa(SAMPLE)[:8], [], None, cfg, print
+    )
+    assert torch.equal(mac.expansion.task, task)
+    assert m["n_trained_params"] == m["n_params"] - task.numel()
+    assert any(not torch.equal(v, mac.amortizer.state_dict()[k]) for k, v in amortizer.items())
+    assert all(torch.isfinite(torch.tensor(r["kd"])) for r in m["train"])
+
+
+def test_kd_weights_favour_tokens_the_passage_changes():
+    teacher = torch.randn(4, 11)
+    closed = teacher.clone()
+    closed[2, 0] += 5.0  # only token 2 differs without the passage
+    w = train_mod.kd_weights(teacher, closed, 1.0)
+    assert w.argmax() == 2 and torch.isclose(w.mean(), torch.tensor(1.0))
+    assert torch.allclose(train_mod.kd_weights(teacher, closed, 0.0), torch.ones(4))
+
+
 def test_overrides_parse_to_the_field_types():
     cfg = train_mod.parse_overrides(
         ["--max_steps=7", "--lr=0.5", "--train_mac=false", "--extra=a,b"], train_mod.TrainConfig()
@@ -309,3 +338,13 @@ def test_untrained_encoder_lora_is_the_frozen_encoder_and_gets_gradients():
     grads = [p.grad for p in lora.amortizer.lora.b.values()]
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
     assert all(p.grad is None for p in encoder.model.parameters())  # the encoder stays frozen
+
+
+def test_self_questions_lose_their_labels_and_keep_only_questions():
+    from knowstream.models.selfqa import clean_question, keep_question
+
+    assert clean_question("Example question: Who built it?\nMore") == "Who built it?"
+    assert clean_question("Another question: When was it  built?") == "When was it built?"
+    assert clean_question("Question 2: Where is the tower?") == "Where is the tower?"
+    assert keep_question(clean_question("Who designed the Eiffel Tower?"))
+    assert not keep_question(clean_question("I'm ready to assist you."))
