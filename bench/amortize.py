@@ -151,10 +151,15 @@ def prepare_raw(tokenizer: Any, texts: list[str], window_batch: int, device: Any
             ids[j, : len(windows[w])] = torch.tensor(windows[w])
             mask[j, : len(windows[w])] = 1
         encoder_batches.append((idx, ids.to(device), mask.to(device)))
+    text_lengths = [0] * len(texts)
+    for w, window in enumerate(windows):
+        text_lengths[owner[w]] += len(window)
     return {
         "n_texts": len(texts),
         "n_windows": len(windows),
         "owner": owner,
+        "window_lengths": [len(w) for w in windows],
+        "text_lengths": torch.tensor(text_lengths, device=device),
         "batches": encoder_batches,
     }
 
@@ -164,22 +169,20 @@ def raw_forward(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
     import torch
 
     states_of: list[Any] = [None] * prepared["n_windows"]
+    lengths = prepared["window_lengths"]
     for idx, ids, mask in prepared["batches"]:
         states = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        keep = mask.bool()
         for j, w in enumerate(idx):
-            states_of[w] = states[j, keep[j]]
+            states_of[w] = states[j, : lengths[w]]  # right-padded: a view, no device sync
     per_text: list[list[Any]] = [[] for _ in range(prepared["n_texts"])]
     for w, s in enumerate(states_of):
         per_text[prepared["owner"][w]].append(s)
-    docs = [torch.cat(parts) for parts in per_text]
+    docs = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in per_text]
     param = mac.amortizer.queries
-    L = max(len(d) for d in docs)
-    doc_states = param.new_zeros(len(docs), L, docs[0].shape[-1])
-    doc_mask = torch.zeros(len(docs), L, dtype=torch.bool, device=param.device)
-    for i, d in enumerate(docs):
-        doc_states[i, : len(d)] = d
-        doc_mask[i, : len(d)] = True
+    doc_states = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True).to(param.dtype)
+    doc_mask = (
+        torch.arange(doc_states.shape[1], device=param.device) < prepared["text_lengths"][:, None]
+    )
     return mac.amortizer(doc_states, doc_mask)
 
 

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     # --- pipeline -----------------------------------------------------------------
     chunk_tokens: int = 128  # word pieces per chunk (MiniLM tokenizer)
     chunk_overlap: int = 32  # word pieces shared by neighbouring chunks
-    embed_batch: int = 32  # chunks per embedding forward pass
+    embed_batch: int = 32  # chunks per embedding forward pass (on a GPU: a few hundred)
+    embed_device: str = "cpu"  # where the embed stage's encoder runs: "cpu", "cuda", "cuda:1"
     amortize_batch: int = 16  # documents per amortizer forward pass
     max_text_chars: int = 200_000  # larger documents go to the dead-letter topic
     # checkpoint folder, "bundled" (the trained checkpoint shipped in models/checkpoints/),

@@ -83,13 +83,17 @@ class TextEncoder:
         # Batching texts of similar length wastes less compute on padding; the
         # results go back to their input positions, so the order is unchanged.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        pooled_parts = []
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             states, mask = self.encode([texts[i] for i in idx])
             m = mask.unsqueeze(-1).to(states.dtype)
             pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-            out[idx] = pooled.float().cpu().numpy()
+            pooled_parts.append(torch.nn.functional.normalize(pooled, p=2, dim=-1))
+        if pooled_parts:
+            # One copy back at the end: on a GPU the next batch is tokenized while the
+            # previous one computes, instead of waiting for each batch's result.
+            out[order] = torch.cat(pooled_parts).float().cpu().numpy()
         return out
 
 

@@ -233,6 +233,13 @@ class Amortizer(nn.Module):
             for start in range(0, max(len(x), 1), step):
                 windows.append([tok.cls_token_id, *x[start : start + step], tok.sep_token_id])
                 owner.append(i)
+        param = self.queries
+        # Each text's length in encoder states, copied to the device before the encoder runs
+        # (a copy after it would wait for it).
+        text_lengths = [0] * len(texts)
+        for i, n_tokens in zip(owner, map(len, windows), strict=True):
+            text_lengths[i] += n_tokens
+        lengths = torch.tensor(text_lengths, device=param.device)
         order = list(range(len(windows)))
         if sort_by_length:
             order.sort(key=lambda w: len(windows[w]))  # stable: equal lengths keep their order
@@ -240,23 +247,20 @@ class Amortizer(nn.Module):
         for start in range(0, len(order), window_batch):
             idx = order[start : start + window_batch]
             if self.lora is None:
-                states, mask = encoder.encode_ids([windows[w] for w in idx])
+                states, _ = encoder.encode_ids([windows[w] for w in idx])
             else:  # the trained encoder, with gradients when they are enabled
-                states, mask = self.lora.encode_ids(encoder, [windows[w] for w in idx])
+                states, _ = self.lora.encode_ids(encoder, [windows[w] for w in idx])
             for j, w in enumerate(idx):
-                window_states[w] = states[j, mask[j]]  # without padding
+                # Without padding: windows are right-padded, so a slice (a view; a boolean
+                # mask here would wait for the device once per window) drops it.
+                window_states[w] = states[j, : len(windows[w])]
         per_text: list[list[Tensor]] = [[] for _ in texts]
         for w, window in enumerate(window_states):  # window order: a text's windows in order
             assert window is not None  # every window was encoded above
             per_text[owner[w]].append(window)
-        docs = [torch.cat(parts) for parts in per_text]
-        L = max(len(d) for d in docs)
-        param = self.queries
-        doc_states = param.new_zeros(len(texts), L, docs[0].shape[-1])
-        doc_mask = torch.zeros(len(texts), L, dtype=torch.bool, device=param.device)
-        for i, d in enumerate(docs):
-            doc_states[i, : len(d)] = d
-            doc_mask[i, : len(d)] = True
+        docs = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in per_text]
+        doc_states = nn.utils.rnn.pad_sequence(docs, batch_first=True).to(param.device, param.dtype)
+        doc_mask = torch.arange(doc_states.shape[1], device=param.device) < lengths[:, None]
         return self(doc_states, doc_mask)
 
 

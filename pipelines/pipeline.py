@@ -23,7 +23,7 @@ and Dataflow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -53,6 +53,34 @@ class PipelineFailed(RuntimeError):
 class BatchResult:
     staged: StagedBatch
     counters: dict[str, int]  # "<stage>.<counter>" -> count
+    # Milliseconds each top-level transform ("parse", "embed", "stage chunks", ...) spent
+    # executing, summed over its parts and workers, from the runner's execution-time metrics
+    # (FnApiRunner reports them; empty for a runner that does not).
+    stage_ms: dict[str, int] = field(default_factory=dict)
+    # Milliseconds inside each RunInference model's ``run_inference`` ("embed", "triples",
+    # "amortize"), from Beam's inference metrics (batched and one-at-a-time calls).
+    inference_ms: dict[str, float] = field(default_factory=dict)
+
+
+EXECUTION_TIME = "metric:ptransform_execution_time:total_msecs:v1"  # Beam's system metric
+INFERENCE_LATENCY = "inference_batch_latency_micro_secs"  # RunInference's, per batch
+
+
+def _timings(result) -> tuple[dict[str, int], dict[str, float]]:
+    """(``stage_ms``, ``inference_ms``) of a finished pipeline result (see BatchResult)."""
+    stage_ms: dict[str, int] = {}
+    monitoring = getattr(result, "monitoring_metrics", None)  # FnApiRunner's RunnerResult
+    if monitoring is not None:
+        for c in monitoring().query()["counters"]:
+            if c.key.metric.name == EXECUTION_TIME and c.key.step:
+                top = c.key.step.split("/", 1)[0]
+                stage_ms[top] = stage_ms.get(top, 0) + int(c.committed or 0)
+    inference_ms: dict[str, float] = {}
+    for d in result.metrics().query()["distributions"]:
+        if d.key.metric.name == INFERENCE_LATENCY and d.committed is not None:
+            ns = d.key.metric.namespace
+            inference_ms[ns] = inference_ms.get(ns, 0.0) + d.committed.sum / 1000
+    return stage_ms, inference_ms
 
 
 def _doc_id_of(sourced: dict) -> tuple[str, dict]:
@@ -100,7 +128,14 @@ def build(
         chunked
         | "flatten chunks" >> beam.FlatMap(lambda d: d["chunks"])
         | "embed"
-        >> Isolated(Embed(settings.torch_threads, settings.embed_batch, fail.get("embed", ())))
+        >> Isolated(
+            Embed(
+                settings.torch_threads,
+                settings.embed_batch,
+                fail.get("embed", ()),
+                settings.embed_device,
+            )
+        )
     )  # CHUNK rows with "embedding"
 
     triples, triples_failures = chunked | "triples" >> Isolated(
@@ -197,4 +232,7 @@ def run_batch(
     for c in result.metrics().query()["counters"]:  # summed over the steps that share a name
         name = f"{c.key.metric.namespace}.{c.key.metric.name}"
         counters[name] = counters.get(name, 0) + int(c.committed or 0)
-    return BatchResult(read_staged(staging_store.local_copy(settings, staging)), counters)
+    stage_ms, inference_ms = _timings(result)
+    return BatchResult(
+        read_staged(staging_store.local_copy(settings, staging)), counters, stage_ms, inference_ms
+    )
