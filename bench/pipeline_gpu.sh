@@ -101,6 +101,9 @@ for d in .carry-p1 .carry-p2; do [ -d $d ] && cp -r $d/. $P/; done
 [ "$STEP" = run ] || { echo "unknown step $STEP (prepare, stash, run)" >&2; exit 2; }
 
 if [ ! -f $S/.ok ]; then
+    for f in site.tar.xz m.1 m.2 spacy-model.tar.xz docs.jsonl.gz; do
+        [ -f $P/$f ] || { echo "$P/$f missing: a fresh machine? call stash, then run" >&2; exit 3; }
+    done
     rm -rf $S && mkdir -p $S
     tar -C $S -xJf $P/site.tar.xz
     tar -C $S -xJf $P/spacy-model.tar.xz
