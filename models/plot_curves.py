@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -41,10 +42,10 @@ def plot(metrics_path: str, out: str) -> None:
             )
     ax.set_xlabel("step")
     ax.set_ylabel("answer NLL (nats/token)")
-    ax.set_ylim(3.3, 5.0)
-    ax.set_title(
-        f"MAC on SQuAD + SQuADShifts ({m['device']}, {m['n_params'] / 1e6:.2f}M trainable)"
-    )
+    cfg = m["config"]
+    data = [Path(x).name for x in [cfg["squad"], *cfg["extra"].split(",")] if x]
+    trained = m.get("n_trained_params", m["n_params"])
+    ax.set_title(f"MAC on {' + '.join(data)} ({m['device']}, {trained / 1e6:.2f}M trained)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -110,13 +110,16 @@ eval)
     ;;
 rung1)
     run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train 6000
+    # RUNG1_FROM=DIR continues from a checkpoint (same data: the generator is seeded).
+    R=/tmp/rung1${RUNG1_FROM:+b}
     run python3 -m knowstream.models.train $MAC_ARGS --squad=/tmp/synth/facts.jsonl \
-        --split=/tmp/synth/split.json --out_dir=/tmp/rung1 --task_weight=0 \
+        --split=/tmp/synth/split.json --out_dir=$R --task_weight=0 \
         --device=cuda --max_minutes=${RUNG1_MINUTES:-4} --batch_docs=64 --q_per_doc=1 \
-        --curriculum=1,2 --eval_every=100 --warmup_steps=50
-    cp /tmp/rung1/metrics.json $OUT/rung1-metrics.json
+        --curriculum=1,2 --eval_every=100 --warmup_steps=50 \
+        ${RUNG1_FROM:+--init_from=$RUNG1_FROM --curriculum=2 --warmup_steps=10 --lr=5e-4}
+    cp $R/metrics.json $OUT/rung1-metrics.json
     run python3 -m knowstream.models.evaluate --data /tmp/synth/facts.jsonl \
-        --split-file /tmp/synth/split.json --split eval --checkpoint /tmp/rung1/best \
+        --split-file /tmp/synth/split.json --split eval --checkpoint $R/best \
         --device cuda --modes task_closed_book,task_gold_passage,mac_gold,mac_wrong \
         --out $OUT/rung1-eval.json
     ;;
