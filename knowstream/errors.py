@@ -31,6 +31,10 @@ class AmortizerMismatch(KnowstreamError, LookupError):
     """The configured amortizer did not build the served version's entries (HTTP 409)."""
 
 
+class AmortizerNotFound(KnowstreamError, LookupError):
+    """The amortizer spec names a registry model, alias or version that does not exist."""
+
+
 class BrokerUnreachable(KnowstreamError, ConnectionError):
     """No Kafka broker answers at the bootstrap servers."""
 

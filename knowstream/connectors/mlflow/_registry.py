@@ -40,7 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from knowstream.errors import BadInput, VersionNotFound, VersionNotServable
+from knowstream.errors import AmortizerNotFound, BadInput, VersionNotFound, VersionNotServable
 from knowstream.schemas.manifest import SnapshotManifest
 from knowstream.settings import Settings
 
@@ -324,7 +324,7 @@ def resolve_amortizer(settings: Settings, spec: str | None = None) -> ResolvedAm
     (a temporary folder renamed into place, so the folder is complete or absent).
     A pinned version already in the cache needs no registry. Other specs pass
     through. Raises ``AmortizerRegistryError`` when the registry cannot be read,
-    ``LookupError`` when the model, alias or version does not exist.
+    ``AmortizerNotFound`` (a ``LookupError``) when the model, alias or version does not exist.
     """
     spec = settings.amortizer if spec is None else spec
     if not is_registry_spec(spec):
@@ -347,7 +347,10 @@ def resolve_amortizer(settings: Settings, spec: str | None = None) -> ResolvedAm
             _download(settings, client.get_model_version_download_uri(name, str(version)), folder)
     except MlflowException as e:
         if e.error_code in _NOT_FOUND:
-            raise LookupError(f"amortizer {where}: {e.message}") from e
+            raise AmortizerNotFound(
+                f"amortizer {where}: {e.message}: register a checkpoint there "
+                "(`python -m knowstream.flows.train`) or set KNOWSTREAM_AMORTIZER=bundled"
+            ) from e
         raise AmortizerRegistryError(f"amortizer registry unreadable ({where}): {e}") from e
     except OSError as e:
         raise AmortizerRegistryError(f"amortizer registry unreadable ({where}): {e!r}") from e
