@@ -149,7 +149,8 @@ def pipeline_task(
     settings: Settings, memory: Memory, records: list[KafkaRecord], parent: int | None
 ):
     # Pin the amortizer once for the whole batch (an alias may move meanwhile); the
-    # pipeline gets the local checkpoint folder, so its workers never read the registry.
+    # pipeline gets the local checkpoint folder, so its workers never read the registry
+    # (with staging on a URL, run_batch shares the folder there for workers elsewhere).
     amortizer = resolve_amortizer(settings)
     settings = settings.model_copy(update={"amortizer": amortizer.path})
     versions = model_versions(settings, amortizer)

@@ -33,6 +33,7 @@ from apache_beam.runners.portability.fn_api_runner.fn_runner import ExtendedProv
 from apache_beam.runners.portability.portable_runner import PipelineResult as PortableResult
 
 from knowstream.connectors import staging as staging_store
+from knowstream.pipelines.checkpoints import share_checkpoint
 from knowstream.pipelines.faults import Isolated, drop_failed, failure
 from knowstream.pipelines.stages.amortize import Amortize
 from knowstream.pipelines.stages.chunk import Chunk
@@ -217,8 +218,13 @@ def run_batch(
     staging: str,
 ) -> BatchResult:
     """Run the pipeline over one micro-batch; the delta lands at the ``staging`` URL
-    (a folder or ``s3://...``) and is read back from there."""
+    (a folder or ``s3://...``) and is read back from there. With staging on a URL, an
+    amortizer checkpoint folder is shared under it first and the stage loads that copy
+    (``pipelines/checkpoints.py``): workers on other machines cannot see the folder."""
     options = PipelineOptions([*settings.beam_args, *staging_store.beam_options(settings)])
+    shared = share_checkpoint(settings.amortizer, settings.staging_url, options)
+    if shared != settings.amortizer:
+        settings = settings.model_copy(update={"amortizer": shared})
     p = beam.Pipeline(runner=_fn_api_runner(options), options=options)
     build(p, records, settings=settings, known=known, model=model, staging=staging)
     result = p.run()

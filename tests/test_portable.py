@@ -1,6 +1,9 @@
 """Past one machine: the micro-batch pipeline on Beam's portable runner (job service +
 EXTERNAL SDK workers from a worker pool) and on FnApiRunner with 2 worker processes,
-staging on s3rver, against the same micro-batch in-process.
+staging on s3rver, against the same micro-batch in-process. The portable run takes its
+amortizer from the MLflow registry (the bundled weights registered as version 1): the
+driver shares the pinned checkpoint under the staging URL and the pool's workers load it
+from there, not from the driver's disk.
 
 Real processes throughout: tansu, s3rver, ``local_job_service_main`` and the worker pool
 (``services.start_beam``, what ``knowstream up --beam`` runs), Qdrant local, MLflow.
@@ -8,6 +11,7 @@ Real processes throughout: tansu, s3rver, ``local_job_service_main`` and the wor
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +25,12 @@ from knowstream.cli import app
 from knowstream.connectors.kafka import produce_file
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.ingest import ingest_flow
+from knowstream.flows.train import train_register
 from knowstream.health import read_health
 from knowstream.infra.services import start_beam, start_s3, stop_beam, stop_s3
 from knowstream.memory import Memory
+from knowstream.models.inference import bundled_checkpoint
+from knowstream.pipelines.checkpoints import MARKER
 from knowstream.pipelines.pipeline import PipelineFailed
 from knowstream.settings import Settings
 from tests.fixtures_broker import free_port, local_settings
@@ -45,7 +52,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings
     try:
         for k, v in start_s3(settings).items():  # the driver's S3 credentials
             env.setenv(k, v)
-        yield settings, start_beam(settings, free_port(), free_port())
+        # The pool's own temporary folder (its workers' checkpoint cache): a disk of its own.
+        with pytest.MonkeyPatch.context() as pool_env:
+            (home / "pool-tmp").mkdir()
+            pool_env.setenv("TMPDIR", str(home / "pool-tmp"))
+            beam_args = start_beam(settings, free_port(), free_port())
+        yield settings, beam_args
     finally:
         stop_beam(settings)
         stop_s3(settings)
@@ -100,6 +112,8 @@ def test_portable_and_multiprocessing_runs_publish_the_in_process_memory(
     digests = {}
     for name, args in runs.items():
         settings = _run(kafka_settings, cluster_settings, tmp_path / name, beam_args=args)
+        if name == "portable":
+            settings = _with_registry_amortizer(settings, tmp_path)
         reports = ingest_flow(settings, once=True)
         assert [r.version for r in reports] == [1], name
         assert reports[0].counters["parse.accepted"] == 3
@@ -107,15 +121,47 @@ def test_portable_and_multiprocessing_runs_publish_the_in_process_memory(
         digests[name] = _digest(settings, 1)
         # Staged on s3rver, read back, removed: nothing staged under the home.
         assert not (settings.home / "staging").exists()
+        if name == "portable":  # the manifest names the registry version, as on one machine
+            versions = Memory(settings).registry.manifest(1).model_versions
+            close_clients()
+            assert versions["amortizer_model"] == "knowstream-amortizer"
+            assert versions["amortizer_model_version"] == "1"
     assert digests["portable"] == digests["in-process"]
     assert digests["multi-processing"] == digests["in-process"]
-    # Each batch's objects were removed after its publish.
+    # Each batch's objects were removed after its publish; the registry checkpoint the
+    # portable run shared stays (content-addressed, for the next batches).
     endpoint = urlparse(cluster_settings.s3_endpoint_url)
     s3 = pafs.S3FileSystem(endpoint_override=endpoint.netloc, scheme="http", region="us-east-1")
     left = s3.get_file_info(
         pafs.FileSelector("staging/batches", recursive=True, allow_not_found=True)
     )
-    assert [f.path for f in left if f.type == pafs.FileType.File] == []
+    files = sorted(f.path for f in left if f.type == pafs.FileType.File)
+    shared = files[0].rsplit("/", 1)[0]
+    assert shared.startswith("staging/batches/models/knowstream-amortizer-v1-")
+    assert files == [f"{shared}/{f}" for f in sorted((MARKER, *CHECKPOINT))]
+    # The pool's workers loaded it from there: their copy, on their disk, is the bundled one.
+    worker_copy = (
+        cluster_settings.home / "pool-tmp" / "knowstream-checkpoints" / shared.rsplit("/")[-1]
+    )
+    for f in CHECKPOINT:
+        assert (worker_copy / f).read_bytes() == (bundled_checkpoint() / f).read_bytes()
+
+
+CHECKPOINT = ("config.json", "model.safetensors")
+
+
+def _with_registry_amortizer(settings: Settings, tmp_path: Path) -> Settings:
+    """``settings`` with the amortizer "registry", whose live version 1 is the bundled
+    checkpoint (registered as ``flows/train.py`` registers a trained one)."""
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(
+        json.dumps(
+            {"config": {}, "mac_config": {}, "n_params": 0, "device": "cpu", "train": [], "val": []}
+        )
+    )
+    out = train_register(str(metrics), str(bundled_checkpoint()), settings=settings)
+    assert out["version"] == 1
+    return settings.model_copy(update={"amortizer": "registry"})
 
 
 def test_a_worker_error_reaches_status_and_the_logs_with_its_traceback(

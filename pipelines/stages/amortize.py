@@ -10,7 +10,10 @@ checkpoint path, "bundled", or "init" for the seeded untrained network (same
 weights on every machine, so its version is stable). A registry spec
 (``models:/NAME@ALIAS``) is resolved to a local checkpoint folder by the batch
 before the pipeline is built (``flows/batch.py``), so workers never read the
-registry and one batch never mixes two amortizers; the stage refuses one.
+registry and one batch never mixes two amortizers; the stage refuses one. With
+staging on a URL, ``run_batch`` hands the stage that folder's copy under the staging
+URL instead (``pipelines/checkpoints.py``), which ``load_model`` copies to the
+worker's disk once and loads from there: workers need not share the driver's disk.
 
 Entries are stored as float16: half the bytes of float32, and well within the
 precision the LM's prefix needs. ``device`` and ``dtype`` (settings
@@ -34,6 +37,7 @@ from knowstream.models.inference import (
     load_amortizer,
     torch_dtype,
 )
+from knowstream.pipelines.checkpoints import local_checkpoint
 from knowstream.pipelines.faults import StageModel, failpoint
 from knowstream.pipelines.stages.amortize_compute import (
     WINDOW_BATCH,
@@ -92,7 +96,8 @@ class Amortize(StageModel):
 
     def load_model(self) -> LoadedAmortizer:
         torch.set_num_threads(self.torch_threads)
-        return LoadedAmortizer(self.spec, self.device, self.dtype, self.window_batch)
+        spec = local_checkpoint(self.spec)  # a checkpoint URL: copied to this machine once
+        return LoadedAmortizer(spec, self.device, self.dtype, self.window_batch)
 
     def run_inference(self, batch: Sequence[dict], model, inference_args=None) -> list[dict]:
         failpoint(self.stage, map(self.doc_id, batch), self.fail)

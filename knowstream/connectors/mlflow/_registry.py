@@ -284,8 +284,10 @@ class AmortizerRegistryError(RuntimeError):
 @dataclass(frozen=True)
 class ResolvedAmortizer:
     """An amortizer spec pinned for one batch: ``path`` is what the Beam stage loads
-    (a local checkpoint folder, "bundled" or "init"); ``name`` and ``version`` say
-    which registry version it is, when the spec came from the registry."""
+    (a local checkpoint folder, "bundled" or "init"; with staging on a URL, the batch's
+    ``run_batch`` shares a folder there first, ``pipelines/checkpoints.py``); ``name``
+    and ``version`` say which registry version it is, when the spec came from the
+    registry."""
 
     spec: str
     path: str
