@@ -13,7 +13,9 @@ qdrant-edge, MLflow on SQLite and Prefect's local API, MiniLM, spaCy, the MAC am
 2. Produce ``--rate`` documents per second for ``--seconds``, each a short text with a
    unique made-up fact; the clock of a document starts just before its send.
 3. One poller asks `/ask` (evidence mode, k=3) with each pending document's own text, oldest
-   first, and stops a document's clock when its doc id is among the evidence.
+   first, and stops a document's clock when its doc id is among the evidence. It asks
+   whenever `/healthz` shows a new live version, and at least once a second
+   (``--poller every``: every 50 ms, whatever changed, as the first runs did).
 4. p50, p95 and max over the documents, a line on the terminal and JSON in ``--out``.
 5. `knowstream rollback` and `promote` as a user runs them, 3 times each: through the
    running server, then with the server stopped (straight to the registry).
@@ -90,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-timeout-ms", type=int, help="KNOWSTREAM_POLL_TIMEOUT_MS for serve")
     ap.add_argument("--out", type=Path, default=Path("bench/results/freshness.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--poller",
+        choices=("live", "every"),
+        default="live",
+        help="live: /ask the pending documents when /healthz shows a new live version (and "
+        "once a second); every: /ask each pending document every 50 ms (the first runs: its "
+        "embedding calls took CPU from the ingest on 2 cores)",
+    )
+    ap.add_argument("--keep-home", action="store_true", help="keep the temporary home (logs)")
     args = ap.parse_args(argv)
 
     home = Path(tempfile.mkdtemp(prefix="knowstream-fresh-"))
@@ -135,8 +146,24 @@ def main(argv: list[str] | None = None) -> int:
         r = httpx.post(f"{url}/ask", json={"question": text, "k": 3}, timeout=30)
         return r.status_code == 200 and doc_id in {e["doc_id"] for e in r.json()["evidence"]}
 
+    def live_now() -> int | None:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=10).json()["live"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
     def poller() -> None:
+        seen, asked_at = None, 0.0
         while not done.is_set():
+            if args.poller == "live":
+                # A document can only become answerable when serving's live version
+                # changes: watch /healthz (no model call), ask when it moved, and at
+                # least once a second in case a change was missed.
+                live = live_now()
+                if live == seen and time.monotonic() - asked_at < 1.0:
+                    time.sleep(0.05)
+                    continue
+                seen, asked_at = live, time.monotonic()
             with lock:
                 pending = [(d, t, x) for d, (t, x) in sent.items() if d not in answered]
             for doc_id, t0, text in sorted(pending, key=lambda p: p[1]):
@@ -195,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate_per_s": args.rate,
         "seconds": args.seconds,
         "poll_timeout_ms": args.poll_timeout_ms or settings.poll_timeout_ms,
+        "poller": args.poller,
         "documents": n,
         "never_answerable": missing,
         "p50_s": percentile(latencies, 50),
@@ -210,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     for where, times in moves.items():
         print(f"{where}: " + ", ".join(f"{c} {max(t):.2f} s max" for c, t in times.items()))
     write_result(args.out, result)
-    shutil.rmtree(home, ignore_errors=True)
+    if args.keep_home:
+        print(f"home kept: {home}")
+    else:
+        shutil.rmtree(home, ignore_errors=True)
     return 0 if not missing else 1
 
 

@@ -40,7 +40,8 @@ class BatchReport:
     counters: dict[str, int] = field(default_factory=dict)
     dead_letters: list[dict] = field(default_factory=list)
     kind: str = "ingest"
-    durations: dict[str, float] = field(default_factory=dict)  # pipeline, publish, batch (s)
+    # pipeline, publish, batch; ingest adds queued: the oldest record's wait for the batch (s)
+    durations: dict[str, float] = field(default_factory=dict)
     lag: dict[int, int] = field(default_factory=dict)  # partition -> records behind, after it
 
 

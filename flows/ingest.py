@@ -27,9 +27,11 @@ for ``knowstream status`` and the API's ``/healthz``.
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from prefect import flow, get_run_logger
@@ -60,19 +62,35 @@ def _require_broker(settings: Settings, timeout_s: float = 2.0) -> None:
     raise ConnectionError(f"Kafka broker unreachable at {settings.bootstrap_servers}")
 
 
+def notify(callback: Callable[[int], object], version: int) -> None:
+    """Tell ``callback`` that ``version`` is live; its failure is logged, never the batch's:
+    the version is published, and the offsets must still be committed."""
+    try:
+        callback(version)
+    except Exception:
+        logging.getLogger(__name__).warning(
+            "on_published(%s) failed; the batch goes on", version, exc_info=True
+        )
+
+
 @flow(name="ingest", log_prints=True)
 def ingest_flow(
     settings: Settings | None = None,
     once: bool = True,
     max_batches: int | None = None,
-    idle_sleep_s: float = 1.0,
+    idle_sleep_s: float = 0.1,
     on_batch: Callable[[BatchReport], None] | None = None,
     stop: threading.Event | None = None,
     max_duration_s: float | None = None,
+    on_published: Callable[[int], object] | None = None,
 ) -> list[BatchReport]:
     """``stop``: set it to end the loop after the current batch (``serve --ingest``).
     ``max_duration_s``: end after the batch in progress once this long has passed (one
-    window of the ``ingest`` deployment, ``flows/deploy.py``)."""
+    window of the ``ingest`` deployment, ``flows/deploy.py``). ``on_published``: called
+    with a batch's version as soon as it is published and live, before its dead letters,
+    its commit and the batch's annotations (``serve --ingest`` answers from it at once).
+    ``idle_sleep_s``: the pause after an empty read; the read itself has already waited
+    ``poll_timeout_ms`` for records, so a short one."""
     settings = settings or Settings()
     log = get_run_logger()
     reports: list[BatchReport] = []
@@ -106,6 +124,9 @@ def ingest_flow(
                 _require_broker(settings)
                 return None
             since_ms = min(r.timestamp_ms for r in records)  # no dead letter is older
+            # How long the oldest record waited for this batch (its timestamp is the
+            # producer's clock): with the batch's durations, a record's way to live.
+            queued = max(0.0, time.time() - since_ms / 1000)
             if (resumed := resume(settings, memory, records)) is not None:
                 report, published = resumed
                 send_dead_letters(settings, report.dead_letters, since_ms=since_ms)
@@ -134,6 +155,9 @@ def ingest_flow(
                     log.info("live moved while this batch was processed; rerunning it")
             if reruns:  # lost compare-and-sets, visible in the report (contention)
                 report.counters["ingest.cas_reruns"] = reruns
+            report.durations["queued"] = queued
+            if on_published is not None and report.version is not None:
+                notify(on_published, report.version)
             send_dead_letters(settings, report.dead_letters, since_ms=since_ms)
             consumer.commit(records)
             report.lag = consumer.backlog()

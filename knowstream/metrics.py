@@ -63,7 +63,8 @@ class Metrics:
         )
         self.step_seconds = Histogram(
             "knowstream_ingest_seconds",
-            "Duration of a batch's steps: pipeline, publish, batch (both)",
+            "Duration of a batch's steps: pipeline, publish, batch (both); queued: its oldest "
+            "record's wait for the batch (ingest)",
             ["step"],
             buckets=BATCH_BUCKETS,
             registry=r,

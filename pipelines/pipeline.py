@@ -172,8 +172,7 @@ def build(
         parsed[DEAD_LETTERS],
         staged.pop("dead_letters"),
     ) | "all dead letters" >> beam.Flatten()
-    for name, pcoll in (*staged.items(), ("dead_letters", dead_letters)):
-        _ = pcoll | f"stage {name}" >> WriteStaged(staging, name)
+    _ = {**staged, "dead_letters": dead_letters} | "stage" >> WriteStaged(staging)
 
 
 def _fn_api_runner(options: PipelineOptions) -> FnApiRunner | None:

@@ -18,7 +18,8 @@ thread of the same process, over the same embedded store: the one process that
 may open it. The server writes its address to ``<home>/run/server.json``.
 
 The server follows the ``live`` alias by polling the registry every few seconds,
-so ingest, promote and rollback reach it without a restart. A request reads the
+so ingest, promote and rollback reach it without a restart; with ``--ingest`` it reads
+``live`` again as soon as its worker has published a version. A request reads the
 live version once, at its start, and uses that version to the end: it never
 mixes two snapshots. With ``KNOWSTREAM_API_TOKEN`` set, ``/ask`` and
 ``/admin/*`` require ``Authorization: Bearer <token>``.
@@ -112,8 +113,15 @@ class BackfillRequest(BaseModel):
 class IngestWorker:
     """The continuous ingest flow in a thread of the server process."""
 
-    def __init__(self, settings: Settings, flow: Callable[..., object], on_batch) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        flow: Callable[..., object],
+        on_batch: Callable[[Any], object],
+        on_published: Callable[[int], object] | None = None,
+    ) -> None:
         self.settings, self.flow, self.on_batch = settings, flow, on_batch
+        self.on_published = on_published
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
 
@@ -127,7 +135,13 @@ class IngestWorker:
 
     def _run(self) -> None:
         try:
-            self.flow(self.settings, once=False, on_batch=self.on_batch, stop=self._stop)
+            self.flow(
+                self.settings,
+                once=False,
+                on_batch=self.on_batch,
+                stop=self._stop,
+                on_published=self.on_published,
+            )
         except Exception:  # its health record says why; serving goes on
             log.exception("the ingest worker stopped")
 
@@ -203,8 +217,16 @@ def create_app(
             raise HTTPException(401, "missing or wrong bearer token")
 
     ingest = ingest_flow is not None
+    # A batch's version is answered as soon as it is published and live (not after its
+    # commit and annotations, nor at the next poll of the registry); after the batch too,
+    # since maintenance (compaction) may move live again.
     worker = (
-        IngestWorker(settings, ingest_flow, on_batch=lambda report: live.refresh())
+        IngestWorker(
+            settings,
+            ingest_flow,
+            on_batch=lambda report: live.refresh(),
+            on_published=lambda version: live.refresh(),
+        )
         if ingest_flow
         else None
     )

@@ -12,8 +12,6 @@ import json
 import os
 from datetime import UTC, datetime
 
-import httpx
-
 from knowstream.settings import Settings
 
 
@@ -61,6 +59,8 @@ class ApiError(RuntimeError):
 
 def call(settings: Settings, url: str, method: str, path: str, body: dict | None = None):
     """One request to the server; its JSON answer, or :class:`ApiError`."""
+    import httpx  # here: finding no server (the CLI's first question) needs no HTTP client
+
     headers = {}
     if settings.api_token:
         headers["Authorization"] = f"Bearer {settings.api_token.get_secret_value()}"

@@ -13,7 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from knowstream import logs, metrics
-from knowstream.connectors.kafka import dead_letter_summary, produce_file, send_dead_letters
+from knowstream.connectors.kafka import (
+    committed_offsets,
+    dead_letter_summary,
+    produce_file,
+    send_dead_letters,
+)
 from knowstream.connectors.mlflow import Registry
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.ingest import ingest_flow
@@ -52,8 +57,23 @@ def test_ingest_metrics_scraped_during_ingest(memory_settings, tmp_path):
     def during(report) -> None:
         seen.append((report, scrape(port)))
 
-    ingest_flow(settings, once=True, on_batch=during)
+    # serve --ingest's hook: each version as soon as it is live, before its batch's commit
+    # (and its on_batch); a hook that fails stops nothing.
+    published: list[tuple[int, int | None, int, int]] = []
+
+    def on_published(version: int) -> None:
+        committed = committed_offsets(settings, settings.group_id).get(0, 0)
+        published.append((version, Registry(settings).live(), committed, len(seen)))
+        if len(published) == 1:
+            raise RuntimeError("a failing hook")
+
+    ingest_flow(settings, once=True, on_batch=during, on_published=on_published)
     assert [r.messages for r, _ in seen] == [4, 3]
+    assert published == [
+        (seen[0][0].version, seen[0][0].version, 0, 0),
+        (seen[1][0].version, seen[1][0].version, 4, 1),
+    ]
+    assert all(r.durations["queued"] >= 0 for r, _ in seen)
 
     first, got = seen[0]
     assert (

@@ -112,12 +112,12 @@ def stage(folder: Path, rows: dict[str, list[dict]]) -> StagedBatch:
     folder.mkdir(parents=True, exist_ok=True)
     options = PipelineOptions(["--runner=FnApiRunner"])
     with BeamTestPipeline(options=options) as p:
-        for name in OUTPUTS:
-            _ = (
-                p
-                | f"create {name}" >> beam.Create([{**r, "extra": "dropped"} for r in rows[name]])
-                | f"stage {name}" >> WriteStaged(folder, name)
-            )
+        outputs = {
+            name: p
+            | f"create {name}" >> beam.Create([{**r, "extra": "dropped"} for r in rows[name]])
+            for name in OUTPUTS
+        }
+        _ = outputs | "stage" >> WriteStaged(folder)
     return read_staged(folder)
 
 

@@ -40,14 +40,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from knowstream.errors import AmortizerNotFound, BadInput, VersionNotFound, VersionNotServable
+from knowstream.connectors.mlflow._alias import LIVE, live_at, not_backwards, not_servable
+from knowstream.errors import AmortizerNotFound, VersionNotFound
 from knowstream.schemas.manifest import SnapshotManifest
 from knowstream.settings import Settings
 
 EXPERIMENT = "knowstream-memory"
 # What MLflow answers for a missing alias or version (SQLite and server stores differ).
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-LIVE = "live"
 
 
 @dataclass(frozen=True)
@@ -171,30 +171,21 @@ class Registry:
         go live)."""
         info = self.get(version)
         if info.state != "published":
-            raise VersionNotServable(
-                f"memory version {version} is {info.state}, not published: only published "
-                "versions can go live (`knowstream snapshots` shows each state)"
-            )
+            raise not_servable(version, info.state)
         return info
 
     def set_live(self, version: int) -> None:
         info = self.published(version)
         self.client.set_registered_model_alias(self.name, LIVE, str(version))
         # When it went live, kept on the version: the report draws live's moves and rollbacks.
-        stamps = [t for t in info.tags.get("live_at", "").split(",") if t]
-        stamps.append(datetime.now(UTC).isoformat(timespec="seconds"))
-        self.client.set_model_version_tag(
-            self.name, str(version), "live_at", ",".join(stamps[-150:])
-        )
+        stamp = live_at(info.tags.get("live_at", ""))
+        self.client.set_model_version_tag(self.name, str(version), "live_at", stamp)
 
     def rollback(self, version: int) -> None:
         """Point live back at an older published version; the newer ones stay readable."""
         live = self.live()
         if live is not None and version >= live:
-            raise BadInput(
-                f"rollback goes back: version {version} is not older than live {live} "
-                f"(`knowstream promote {version}` moves live forward)"
-            )
+            raise not_backwards(version, live)
         self.set_live(version)
 
     # --- reading ------------------------------------------------------------------
