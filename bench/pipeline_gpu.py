@@ -73,7 +73,7 @@ VERSIONED_PACKAGES = (
 # Top-level transforms of pipelines/pipeline.py that belong to a stage of the README's table;
 # anything else (key by doc, filters, flattens, drop failed *, dead letters) is "Beam glue".
 STAGES = ("parse", "dedup", "chunk", "embed", "triples", "amortize")
-STAGING_PREFIX = "stage "  # "stage docs", "stage chunks", ...: the Parquet writes
+STAGING = "stage"  # the Parquet writes of every output (WriteStaged)
 
 
 def log(message: str) -> None:
@@ -203,9 +203,8 @@ def stage_seconds(stage_ms: dict[str, int]) -> dict[str, float]:
     """Seconds per pipeline stage, the Parquet writes summed as "stage (Parquet)", the
     rest as "Beam glue"."""
     out = {s: stage_ms.get(s, 0) / 1000 for s in STAGES}
-    out["stage (Parquet)"] = sum(v for k, v in stage_ms.items() if k.startswith(STAGING_PREFIX))
-    out["stage (Parquet)"] /= 1000
-    glue = [k for k in stage_ms if k not in STAGES and not k.startswith(STAGING_PREFIX)]
+    out["stage (Parquet)"] = stage_ms.get(STAGING, 0) / 1000
+    glue = [k for k in stage_ms if k not in STAGES and k != STAGING]
     out["Beam glue"] = sum(stage_ms[k] for k in glue) / 1000
     return out
 

@@ -54,7 +54,7 @@ class PipelineFailed(RuntimeError):
 class BatchResult:
     staged: StagedBatch
     counters: dict[str, int]  # "<stage>.<counter>" -> count
-    # Milliseconds each top-level transform ("parse", "embed", "stage chunks", ...) spent
+    # Milliseconds each top-level transform ("parse", "embed", "stage", ...) spent
     # executing, summed over its parts and workers, from the runner's execution-time metrics
     # (FnApiRunner reports them; empty for a runner that does not).
     stage_ms: dict[str, int] = field(default_factory=dict)

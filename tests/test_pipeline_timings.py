@@ -47,7 +47,7 @@ def test_a_batch_reports_its_stages_times(tmp_path):
     assert result.staged.upserts == 3 and len(result.staged.modulations) == 3
     assert all(len(c["embedding"]) == 384 for c in result.staged.chunks)
     # Every named stage ran and was timed by the runner (milliseconds, maybe 0 for the fast).
-    for stage in ("parse", "dedup", "chunk", "embed", "triples", "amortize", "stage chunks"):
+    for stage in ("parse", "dedup", "chunk", "embed", "triples", "amortize", "stage"):
         assert stage in result.stage_ms and result.stage_ms[stage] >= 0
     # The models' own time, from RunInference's metrics: the forward passes take some.
     assert set(result.inference_ms) == {"embed", "triples", "amortize"}
