@@ -100,6 +100,13 @@ class Registry:
             settings.home.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(settings.tracking_uri)
         self.client = MlflowClient(settings.tracking_uri)
+        # The writes of a publish (version tags, description, the live alias) go to the
+        # registry client under MlflowClient. Why: MlflowClient first checks, on every
+        # such call, that the model is not a prompt, by loading the registered model with
+        # *all* its versions: 9 loads per publish, O(versions) each (CPU of publish plus
+        # set_live: 77 ms at 5 versions, 122 ms at 400, profiled). The calls below are
+        # the same operations without that check (our model is never a prompt).
+        self._versions = self.client._get_registry_client()
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             # A local artifact root only for the embedded store; a server decides its own.
@@ -154,14 +161,14 @@ class Registry:
             "source_digest": manifest.source_digest,
         }
         for k, v in tags.items():
-            self.client.set_model_version_tag(self.name, str(version), k, v)
-        self.client.update_model_version(self.name, str(version), description=describe(manifest))
+            self._versions.set_model_version_tag(self.name, str(version), k, v)
+        self._versions.update_model_version(self.name, str(version), describe(manifest))
         # The state tag goes last: a reader that sees "published" sees all the rest.
-        self.client.set_model_version_tag(self.name, str(version), "state", "published")
+        self._versions.set_model_version_tag(self.name, str(version), "state", "published")
         self.client.set_terminated(run_id, "FINISHED")
 
     def abandon(self, version: int) -> None:
-        self.client.set_model_version_tag(self.name, str(version), "state", "abandoned")
+        self._versions.set_model_version_tag(self.name, str(version), "state", "abandoned")
         info = self.get(version)
         if info.run_id:
             self.client.set_terminated(info.run_id, "FAILED")
@@ -176,10 +183,10 @@ class Registry:
 
     def set_live(self, version: int) -> None:
         info = self.published(version)
-        self.client.set_registered_model_alias(self.name, LIVE, str(version))
+        self._versions.set_registered_model_alias(self.name, LIVE, str(version))
         # When it went live, kept on the version: the report draws live's moves and rollbacks.
         stamp = live_at(info.tags.get("live_at", ""))
-        self.client.set_model_version_tag(self.name, str(version), "live_at", stamp)
+        self._versions.set_model_version_tag(self.name, str(version), "live_at", stamp)
 
     def rollback(self, version: int) -> None:
         """Point live back at an older published version; the newer ones stay readable."""
@@ -244,7 +251,7 @@ class Registry:
 
     def retire(self, version: int) -> None:
         """Mark a version retired: its points are gone, it can no longer be read."""
-        self.client.set_model_version_tag(self.name, str(version), "state", "retired")
+        self._versions.set_model_version_tag(self.name, str(version), "state", "retired")
 
     def download_snapshot_files(self, version: int, prefix: str, dest: Path) -> list[Path]:
         """The version's snapshot artifacts whose names start with ``prefix``, downloaded
