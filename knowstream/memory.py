@@ -353,7 +353,10 @@ class Memory:
             return retired
 
     def maintain(self) -> dict[str, object]:
-        """What ingest runs after a publish: compaction and retention, as configured."""
+        """What ingest runs after a publish (after its offsets are committed): compaction
+        and retention, as configured, then one step of the store's vector index (the
+        embedded store indexes what passed its threshold, see ``connectors/qdrant/_edge``;
+        a server indexes on its own)."""
         done: dict[str, object] = {}
         s, live = self.settings, self.registry.live()
         if s.compact_after and live is not None:
@@ -361,6 +364,8 @@ class Memory:
                 done["compacted"] = self.compact(live).version
         if s.retain_last:
             done["retired"] = self.retain(s.retain_last, s.retain_live_days)
+        if self.store.index():
+            done["indexed"] = True
         return done
 
     def set_live(self, version: int) -> None:

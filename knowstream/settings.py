@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # "local" (qdrant-client's local mode: scans; the tests' stand-in for a server)
     qdrant_embedded: Literal["edge", "local"] = "edge"
     collection: str = "knowstream"  # one collection holds every version
+    # qdrant-edge builds its vector index (HNSW) in steps, after publishes: a step indexes
+    # the points written since the last one once they pass this many KB of vectors (~670
+    # 384-d vectors per MB; Qdrant's own default). Smaller: shorter steps, more segments.
+    qdrant_index_kb: Annotated[int, Field(ge=1)] = 10_000
     # Costs that follow the batch (applied by ingest after each publish, and by the
     # `compact` and `retain` commands): fold live's line into a new root once it is
     # longer than this many versions (None: never), and retire what the policy

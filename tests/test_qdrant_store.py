@@ -225,3 +225,89 @@ def test_maintain_applies_the_configured_policy(memory, tmp_path):
     root = memory.registry.live()
     assert done == {"compacted": root, "retired": line}  # the root needs none of them
     assert memory.registry.lineage(root) == [root]
+
+
+def indexing(memory: Memory) -> Memory:
+    """The same memory with a 1 KB indexing threshold: an index step after a publish
+    builds HNSW over anything written, and searches at a version that sees most points
+    go through the graph (qdrant-edge; a no-op step on the other backend)."""
+    return Memory(memory.settings.model_copy(update={"qdrant_index_kb": 1}))
+
+
+def reads(memory: Memory, versions: list[int], queries: list[list[float]]) -> dict:
+    """Everything a reader gets from these versions: search hits (ids, rounded scores),
+    documents, tombstones, counts and the content digest."""
+    out = {}
+    for v in versions:
+        view = memory.view(v)
+        out[v] = {
+            "hits": [
+                [(h.chunk_id, round(h.score, 5)) for h in view.search(q, k=8)] for q in queries
+            ],
+            "docs": {d: p["content_hash"] for d, p in view.docs().items()},
+            "tombstones": sorted(view.docs(kind="tombstone")),
+            "counts": view.counts(),
+            "digest": view.digest(),
+        }
+        if memory.settings.qdrant_embedded == "local":  # its reload renormalizes by an ulp,
+            out[v]["digest"] = ""  # which can flip the digest's 5th decimal
+    return out
+
+
+def test_reads_are_the_same_after_each_index_step(memory, tmp_path):
+    memory = indexing(memory)
+    synth = Synth(7, tmp_path / "staging")
+    first = synth.batch([f"d{i}" for i in range(40)])
+    v1 = publish(memory, first, None)
+    queries = [c["embedding"] for c in first.chunks[:6]] + [synth._unit() for _ in range(4)]
+    before = reads(memory, [v1], queries)
+    done = memory.maintain()
+    edge = memory.settings.qdrant_embedded == "edge"
+    if edge:
+        assert done == {"indexed": True} and memory.store.indexed() > 0  # type: ignore[attr-defined]
+    assert reads(memory, [v1], queries) == before
+    # Replace and delete documents whose points now sit in indexed segments.
+    v2 = publish(memory, synth.batch(["d0", "d1", "new"]), v1)
+    v3 = publish(memory, deletes(["d2"], synth.clock), v2)
+    unindexed = reads(memory, [v1, v2, v3], queries)
+    memory.maintain()
+    assert reads(memory, [v1, v2, v3], queries) == unindexed
+    gone = {"d0": (v2, v3), "d1": (v2, v3), "d2": (v3,)}  # replaced in v2, deleted in v3
+    for c in (c for c in first.chunks if c["doc_id"] in gone):
+        # v1 finds the old chunk first; the versions that replaced or deleted it never do.
+        assert memory.view(v1).search(c["embedding"], k=1)[0].chunk_id == c["chunk_id"]
+        for v in gone[c["doc_id"]]:
+            hits = memory.view(v).search(c["embedding"], k=60)
+            assert c["chunk_id"] not in {h.chunk_id for h in hits}
+            if v == v3 and c["doc_id"] == "d2":  # deleted: no chunk of it at all
+                assert "d2" not in {h.doc_id for h in hits}
+    # A version that was never published is purged exactly after its points were indexed.
+    write_version(memory.store, 99, memory.registry.lineage(v3), synth.batch(["d3", "d4"]))
+    memory.maintain()
+    purge_version(memory.store, 99)
+    assert reads(memory, [v1, v2, v3], queries) == unindexed
+    # Compaction indexes its copies in steps; the root reads like the line's end.
+    root = memory.compact().version
+    tail = reads(memory, [v3], queries)[v3]
+    assert reads(memory, [root], queries)[root] == tail
+    assert reads(memory, [v1, v2, v3], queries) == unindexed
+
+
+def test_an_indexed_store_reopens_with_its_index_and_the_same_reads(memory, tmp_path):
+    memory = indexing(memory)
+    synth = Synth(8, tmp_path / "staging")
+    first = synth.batch([f"d{i}" for i in range(30)])
+    v1 = publish(memory, first, None)
+    memory.maintain()
+    v2 = publish(memory, synth.batch(["d0", "x"]), v1)  # left unindexed
+    queries = [c["embedding"] for c in first.chunks[:5]]
+    expected = reads(memory, [v1, v2], queries)
+    indexed = memory.store.indexed() if memory.settings.qdrant_embedded == "edge" else 0  # type: ignore[attr-defined]
+    close_clients()
+    reopened = Memory(memory.settings)
+    assert reads(reopened, [v1, v2], queries) == expected
+    if reopened.settings.qdrant_embedded == "edge":
+        assert reopened.store.indexed() == indexed > 0  # type: ignore[attr-defined]
+        reopened.maintain()  # indexes what v2 wrote
+        assert reopened.store.indexed() > indexed  # type: ignore[attr-defined]
+    assert reads(reopened, [v1, v2], queries) == expected

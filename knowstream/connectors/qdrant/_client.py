@@ -75,6 +75,7 @@ class Store(Protocol):
     def retrieve(self, ids: list[str]) -> list[Record]: ...  # with payloads and vectors
     def search(self, vector: Sequence[float], flt: Filter, k: int) -> list[Record]: ...
     def count(self, flt: Filter | None = None) -> int: ...
+    def index(self) -> bool: ...  # one indexing step; True if it indexed anything
     def close(self) -> None: ...
 
 
@@ -118,7 +119,7 @@ def open_store(settings: Settings) -> Store:
             if settings.qdrant_url:
                 _stores[key] = ClientStore(settings.collection, url=settings.qdrant_url)
             elif settings.qdrant_embedded == "edge":
-                _stores[key] = EdgeStore(local, settings.collection)
+                _stores[key] = EdgeStore(local, settings.collection, settings.qdrant_index_kb)
             else:
                 _stores[key] = ClientStore(settings.collection, path=local)
         return _stores[key]

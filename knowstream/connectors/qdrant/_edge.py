@@ -13,6 +13,31 @@ A write flushes the shard when the last flush is over ``FLUSH_S`` seconds old (a
 Qdrant server flushes every 5 s): the write-ahead log drops its closed parts only
 after a flush, so without it the log grows with every write (2.9 GB partway
 through growing a memory to 100k documents here).
+
+Vector index: qdrant-edge has no background optimizer; it builds HNSW only inside
+``optimize()``, which blocks the calling thread *and holds the GIL* for the whole
+build (measured: no other thread of the process ran meanwhile), so it cannot run
+behind the API in a thread. Without it a search whose filter matches most points
+(any search at ``live``) scores every point: 342 ms at 100k documents. So the
+index is built in bounded steps (:meth:`EdgeStore.index`, run by
+``Memory.maintain`` after each publish and by compaction between its pages):
+
+- the optimizer indexes a segment only once its vectors pass ``index_kb``
+  (``indexing_threshold``), so a step indexes at most that much new data (10 MB,
+  ~6.7k vectors, ~4 s of CPU on this 2-core machine) and most steps do nothing;
+  points written since stay in the small appendable segment, scanned exactly;
+- up to ``SEGMENTS`` indexed segments are kept before the merge optimizer joins
+  the smallest ones, so steps stay bounded as the memory grows;
+- HNSW is used for a filtered search where the filter keeps more than a quarter of
+  ``index_kb`` of a segment's vectors (``full_scan_threshold``; at ``index_kb`` itself
+  a search for chunks, two thirds of a segment, stayed an exact scan everywhere);
+  a selective filter (an old version, a few documents) is a payload-index lookup
+  plus exact scoring, as before. No payload subgraphs (``payload_m=0``); instead
+  ACORN for filters that keep few of a segment's points (below).
+
+Reads stay exact in what they may return: the filter (lineage, ``closed_in``) is
+applied inside the graph search, and a point replaced or closed after indexing is
+deleted from its indexed segment and rewritten in the appendable one.
 """
 
 from __future__ import annotations
@@ -37,6 +62,12 @@ from knowstream.connectors.qdrant._client import (
 
 PAGE = 512  # points per scroll page
 FLUSH_S = 5.0  # the most seconds between a write and the next flush
+INDEX_KB = 10_000  # default indexing threshold (Settings.qdrant_index_kb)
+SEGMENTS = 64  # indexed segments kept before the merge optimizer joins the smallest
+# ACORN: where a filter keeps few of an indexed segment's points, the graph search also
+# walks neighbours of neighbours, so points the filter keeps are not cut off by those it
+# drops (without it a rolled-back version missed its own exact match in a test).
+_SEARCH = qe.SearchParams(acorn=qe.AcornSearchParams(enable=True))
 _SCHEMA = {"keyword": qe.PayloadSchemaType.Keyword, "int": qe.PayloadSchemaType.Integer}
 
 
@@ -55,14 +86,25 @@ def _record(p, score: float = 0.0) -> Record:
     return Record(str(p.id), p.payload or {}, vector, score)
 
 
+def _config(index_kb: int) -> qe.EdgeConfig:
+    return qe.EdgeConfig(
+        vectors={VECTOR: qe.EdgeVectorParams(DIM, qe.Distance.Cosine)},
+        hnsw_config=qe.HnswIndexConfig(
+            m=16, ef_construct=100, full_scan_threshold=max(1, index_kb // 4), payload_m=0
+        ),
+        optimizers=qe.EdgeOptimizersConfig(
+            indexing_threshold=index_kb, default_segment_number=SEGMENTS
+        ),
+        wal_enabled=True,
+    )
+
+
 class EdgeStore:
-    def __init__(self, location: Path, collection: str) -> None:
+    def __init__(self, location: Path, collection: str, index_kb: int = INDEX_KB) -> None:
         location.mkdir(parents=True, exist_ok=True)
         self.where = str(location)
         path = location / collection
-        config = qe.EdgeConfig(
-            vectors={VECTOR: qe.EdgeVectorParams(DIM, qe.Distance.Cosine)}, wal_enabled=True
-        )
+        config = _config(index_kb)
         # Our own lock first: a second process whose EdgeShard.load fails on the WAL lock
         # has already opened the segments, and the holder's next flush then fails
         # ("tracker_journal.dat is shorter than expected", reproduced with 0.9.0).
@@ -74,7 +116,7 @@ class EdgeStore:
             raise StoreHeld(location) from None
         try:
             if (path / "edge_config.json").exists():
-                self._shard = qe.EdgeShard.load(str(path))
+                self._shard = qe.EdgeShard.load(str(path), config)  # the config is updated
             else:
                 self._shard = qe.EdgeShard.create(str(path), config)
         except Exception as e:  # the binding raises a bare Exception
@@ -85,6 +127,7 @@ class EdgeStore:
         claim(location)
         self._lock = threading.Lock()
         self._flushed = time.monotonic()
+        self._dirty = True  # written since the last index step (unknown at open: check once)
         have = self._shard.info().payload_schema
         for name, kind in INDEXED.items():
             if name not in have:
@@ -108,6 +151,7 @@ class EdgeStore:
     def _update(self, operation) -> None:
         with self._lock:
             self._shard.update(operation)
+            self._dirty = True
             if time.monotonic() - self._flushed > FLUSH_S:
                 self._shard.flush()
                 self._flushed = time.monotonic()
@@ -142,6 +186,7 @@ class EdgeStore:
             limit=k,
             query=qe.Query.Nearest(list(vector), using=VECTOR),
             filter=_filter(flt),
+            params=_SEARCH,
             with_payload=True,
         )
         with self._lock:
@@ -150,6 +195,26 @@ class EdgeStore:
     def count(self, flt: Filter | None = None) -> int:
         with self._lock:
             return self._shard.count(qe.CountRequest(exact=True, filter=_filter(flt)))
+
+    def index(self) -> bool:
+        """One indexing step: let the optimizer index the segments that passed the
+        threshold (and merge or vacuum what its config asks for). Does nothing without
+        writes since the last step. Blocks the process for its duration (see above).
+        True if anything was rebuilt."""
+        with self._lock:
+            if not self._dirty:
+                return False
+            rebuilt = self._shard.optimize()
+            self._dirty = False
+            if rebuilt:
+                self._shard.flush()
+                self._flushed = time.monotonic()
+            return rebuilt
+
+    def indexed(self) -> int:
+        """Vectors in indexed (HNSW) segments, deleted copies included (tests, bench)."""
+        with self._lock:
+            return self._shard.info().indexed_vectors_count
 
     def close(self) -> None:
         with self._lock:

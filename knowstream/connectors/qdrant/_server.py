@@ -138,5 +138,9 @@ class ClientStore:
         with self._lock:
             return self.client.count(self.collection, count_filter=_filter(flt), exact=True).count
 
+    def index(self) -> bool:
+        """Nothing to do: a server runs its optimizers on its own; local mode has no index."""
+        return False
+
     def close(self) -> None:
         self.client.close()

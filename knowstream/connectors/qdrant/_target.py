@@ -180,6 +180,7 @@ def fold_version(store: Store, lineage: Sequence[int], version: int) -> int:
             payload = {**p.payload, "version_from": version, "closed_in": []}
             copies.append(Record(point_id(kind, doc_id, index, chash, version), payload, p.vector))
         store.upsert(copies)
+        store.index()  # in steps: the copies never pile up unindexed (see _edge)
         got = {r.id: r for r in store.retrieve([c.id for c in copies])}
         for c in copies:
             r = got.get(c.id)
