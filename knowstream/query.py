@@ -34,12 +34,30 @@ def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
 
 
+def _embed(encoder, question: str, threads: int):
+    """The question's vector, encoded on ``threads`` torch threads (``Settings.torch_threads``,
+    1 by default), the process's setting restored after. Why: with torch's default (one
+    thread per core) a ~10 ms encoding took ~500 ms now and then on this busy 2-core
+    machine (p95 492 ms against 9 ms on one thread, measured side by side), which made
+    /ask's p95 a measure of the machine's load (BENCHMARKS.md 6.1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        return encoder.embed([question])[0]
+    finally:
+        if before != threads:
+            torch.set_num_threads(before)
+
+
 def query(memory: Memory, question: str, *, version: int | None = None, k: int = 5) -> QueryResult:
     from knowstream.models.encoder import load_encoder
 
     served = memory.resolve(version)
     view = memory.view(served)
-    vector = load_encoder().embed([question])[0]
+    vector = _embed(load_encoder(), question, memory.settings.torch_threads)
     hits = view.search(vector.tolist(), k=k)
     doc_ids = list(dict.fromkeys(h.doc_id for h in hits))
     payloads = view.docs(doc_ids)

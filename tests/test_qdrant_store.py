@@ -311,3 +311,22 @@ def test_an_indexed_store_reopens_with_its_index_and_the_same_reads(memory, tmp_
         reopened.maintain()  # indexes what v2 wrote
         assert reopened.store.indexed() > indexed  # type: ignore[attr-defined]
     assert reads(reopened, [v1, v2], queries) == expected
+
+
+def test_asking_keeps_the_process_torch_threads(memory, tmp_path):
+    """/ask encodes its question on Settings.torch_threads and restores the process's
+    setting after (the LM of mac modes may use more)."""
+    import torch
+
+    from knowstream.query import query
+
+    synth = Synth(9, tmp_path / "staging")
+    publish(memory, synth.batch(["a", "b"]), None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = query(memory, "what is in the river city", k=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(result.hits) == 2 and set(result.docs) <= {"a", "b"}
