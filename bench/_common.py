@@ -50,6 +50,7 @@ class StepTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)  # process CPU seconds, all threads
         self.calls: dict[str, int] = defaultdict(int)
+        self.last_cpu: dict[str, float] = {}  # the CPU seconds that the last take() cleared
         self.on_enter: Callable[[str], None] | None = None  # e.g. a progress description
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,8 +70,9 @@ class StepTimer:
         return timed
 
     def take(self) -> dict[str, float]:
-        """The wall seconds so far, and start over."""
+        """The wall seconds so far, and start over (their CPU seconds go to ``last_cpu``)."""
         out = dict(self.seconds)
+        self.last_cpu = dict(self.cpu)
         self.seconds.clear()
         self.cpu.clear()
         self.calls.clear()
@@ -108,6 +110,16 @@ def cpu_seconds() -> float:
     """User + system CPU seconds of this process and its finished children."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def written_bytes() -> int:
+    """Bytes this process has caused to be written to storage so far (Linux
+    ``/proc/self/io``; 0 where it is not available)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("write_bytes:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def percentile(values: Sequence[float], q: float) -> float:

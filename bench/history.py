@@ -34,6 +34,7 @@ from bench.publish import (  # noqa: E402
     bench_settings,
     console,
     grow,
+    index_step,
     measure,
     publish,
     render,
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embedded", choices=["edge", "local"], default="edge")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ask", type=int, default=40, help="/ask calls timed per measurement")
     ap.add_argument("--out", type=Path, default=Path("bench/results/history.json"))
     args = ap.parse_args(argv)
     lengths = sorted(int(v) for v in args.versions.split(","))
@@ -76,14 +78,27 @@ def main(argv: list[str] | None = None) -> int:
                     lambda r=replaced, n=new, p=live: publish(memory, synth.batch([*r, *n]), p)
                 )
                 line_s.append(seconds)
+                index_step(memory)  # as ingest runs after each publish (not timed in it)
                 line += 1
             at = measure(
-                memory, synth, held, batch_docs=100, repeats=args.repeats, replace_fraction=0.5
+                memory,
+                synth,
+                held,
+                batch_docs=100,
+                repeats=args.repeats,
+                replace_fraction=0.5,
+                questions=args.ask,
             )
             points.append({"line_versions": length, **at})
         root, compact_s = timed_call(lambda: memory.compact())
         at = measure(
-            memory, synth, held, batch_docs=100, repeats=args.repeats, replace_fraction=0.5
+            memory,
+            synth,
+            held,
+            batch_docs=100,
+            repeats=args.repeats,
+            replace_fraction=0.5,
+            questions=args.ask,
         )
         points.append({"line_versions": 1, "compacted_from": root.version, **at})
     finally:

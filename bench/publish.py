@@ -38,6 +38,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,9 +56,11 @@ from bench._common import (  # noqa: E402
     StepTimer,
     console,
     instrumented,
+    percentile,
     run_header,
     timed_call,
     write_result,
+    written_bytes,
 )
 
 if TYPE_CHECKING:
@@ -105,7 +108,9 @@ PUBLISH_PARTS = [
 # qdrant-client's local mode and index lookups in qdrant-edge; in local mode upserts and
 # set_payload persist each point (one SQLite transaction per point).
 QDRANT_CALLS = ["qdrant scroll", "qdrant upsert", "qdrant set_payload"]
-ASK_QUESTIONS = 40  # /ask (evidence mode) calls timed at each size
+ASK_QUESTIONS = 40  # /ask (evidence mode) calls timed at each size (default of --ask)
+# The parts of publish that touch only MLflow (its SQLite store), never Qdrant.
+MLFLOW_PARTS = ["reserve version", "mark published", "set live"]
 
 
 def publish_parts() -> list[tuple[object, str, str]]:
@@ -128,6 +133,25 @@ def publish_parts() -> list[tuple[object, str, str]]:
         (Registry, "publish", "mark published"),
         (Registry, "set_live", "set live"),
     ]
+
+
+def ask_parts() -> list[tuple[object, str, str]]:
+    from knowstream.connectors.qdrant import VersionView
+    from knowstream.memory import Memory
+    from knowstream.models.encoder import TextEncoder
+
+    return [
+        (Memory, "resolve", "registry (resolve, lineage)"),
+        (TextEncoder, "embed", "encode question"),
+        (VersionView, "search", "search"),
+        (VersionView, "docs", "doc payloads"),
+    ]
+
+
+def index_step(memory: Memory) -> tuple[dict, float]:
+    """What ingest runs after each publish (``Memory.maintain``: here only the store's
+    index step, since the bench configures no compaction or retention), and its seconds."""
+    return timed_call(memory.maintain)
 
 
 # --- synthetic batches -------------------------------------------------------------------------
@@ -295,13 +319,18 @@ def grow(
                         memory, b, p, lambda n: progress.advance(task, n)
                     )
                 )
+            parts = timer.take()
+            done, index_s = index_step(memory)
             timings.append(
                 {
                     "version": version,
                     "docs_before": len(held),
                     "docs": len(ids),
                     "seconds": seconds,
-                    "parts_s": timer.take(),
+                    "parts_s": parts,
+                    "parts_cpu_s": timer.last_cpu,
+                    "index_s": index_s,
+                    "indexed": bool(done.get("indexed")),
                 }
             )
             held.extend(ids)
@@ -316,6 +345,7 @@ def measure(
     batch_docs: int,
     repeats: int,
     replace_fraction: float,
+    questions: int = ASK_QUESTIONS,
 ) -> dict[str, Any]:
     """Publish, rollback, dedup lookup and search at the memory's current size."""
     base = memory.registry.live()
@@ -333,13 +363,26 @@ def measure(
         console=console,
     ) as progress:
         task = progress.add_task("measure", total=repeats)
+        # One untimed round first: the first size would otherwise pay for cold caches
+        # (SQLAlchemy statements, lazy imports), inflating it and flattering the ratios.
+        picked = [str(x) for x in synth.rng.choice(held, size=n_replace, replace=False)]
+        warm = [*picked, *(f"warm-{size}-{i:04d}" for i in range(batch_docs - n_replace))]
+        publish(memory, synth.batch(warm), base)
+        index_step(memory)
+        memory.set_live(base)
+        memory.known(base, warm)
         for rep in range(repeats):
             replaced = [str(x) for x in synth.rng.choice(held, size=n_replace, replace=False)]
             new = [f"new-{size}-{rep}-{i:04d}" for i in range(batch_docs - n_replace)]
             batch = synth.batch([*replaced, *new])
+            written, cpu = written_bytes(), time.process_time()
             with instrumented(timer, publish_parts()):
                 version, publish_s = timed_call(lambda b=batch: publish(memory, b, base))
             parts = timer.take()
+            parts_cpu = timer.last_cpu
+            publish_cpu_s = time.process_time() - cpu
+            written = written_bytes() - written
+            _, index_s = index_step(memory)
             # Rollback: live goes from the version just published back to the size's version.
             _, rollback_s = timed_call(lambda: memory.set_live(base))
             # The ingest flow's dedup lookup for a batch of this shape, before its pipeline runs.
@@ -359,6 +402,10 @@ def measure(
                     "version": version,
                     "publish_s": publish_s,
                     "publish_parts_s": parts,
+                    "publish_cpu_s": publish_cpu_s,  # process CPU, all threads
+                    "publish_parts_cpu_s": parts_cpu,
+                    "publish_written_bytes": written,  # this process's writes to storage
+                    "index_s": index_s,
                     "rollback_s": rollback_s,
                     "known_s": known_s,
                     "view_s": view_s,
@@ -372,8 +419,16 @@ def measure(
     from knowstream.query import query as ask
 
     ask(memory, "warm-up", version=base)  # loads the encoder once
-    questions = [synth._text(80) for _ in range(ASK_QUESTIONS)]
-    ask_s = sorted(timed_call(lambda q=q: ask(memory, q, version=base, k=5))[1] for q in questions)
+    asks: list[dict[str, float]] = []
+    with instrumented(timer, ask_parts()):
+        for text in [synth._text(80) for _ in range(questions)]:
+            cpu = time.process_time()
+            _, seconds = timed_call(lambda q=text: ask(memory, q, version=base, k=5))
+            asks.append({"wall": seconds, "cpu": time.process_time() - cpu, **timer.take()})
+    ask_s = sorted(a["wall"] for a in asks)
+
+    def p(key: str, q: float) -> float:
+        return percentile([a.get(key, 0.0) for a in asks], q)
 
     def med(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.median(get(r) for r in runs)
@@ -392,6 +447,9 @@ def measure(
                 f"publish: {p}": med(lambda r, p=p: r["publish_parts_s"].get(p, 0.0))
                 for p in PUBLISH_PARTS
             },
+            "publish: MLflow only (reserve, mark published, set live)": med(
+                lambda r: sum(r["publish_parts_s"].get(p, 0.0) for p in MLFLOW_PARTS)
+            ),
             "publish: other (lock, lineage, counts, manifest)": med(
                 lambda r: (
                     r["publish_s"] - sum(r["publish_parts_s"].get(p, 0.0) for p in PUBLISH_PARTS)
@@ -407,11 +465,25 @@ def measure(
             "search @live": med(lambda r: r["search_s"]["live"]),
             "view @v1": med(lambda r: r["view_s"]["v1"]),
             "search @v1": med(lambda r: r["search_s"]["v1"]),
-            f"ask, evidence mode: p50 of {ASK_QUESTIONS}": statistics.median(ask_s),
-            f"ask, evidence mode: p95 of {ASK_QUESTIONS}": ask_s[
-                min(len(ask_s) - 1, round(0.95 * len(ask_s)))
-            ],
+            f"ask, evidence mode: p50 of {questions}": statistics.median(ask_s),
+            f"ask, evidence mode: p95 of {questions}": percentile(ask_s, 95),
+            **{f"ask: p95 of {part}": p(part, 95) for _, _, part in ask_parts()},
         },
+        "median_cpu_s": {
+            "publish": med(lambda r: r["publish_cpu_s"]),
+            **{
+                f"publish: {p}": med(lambda r, p=p: r["publish_parts_cpu_s"].get(p, 0.0))
+                for p in PUBLISH_PARTS
+            },
+            "publish: MLflow only (reserve, mark published, set live)": med(
+                lambda r: sum(r["publish_parts_cpu_s"].get(p, 0.0) for p in MLFLOW_PARTS)
+            ),
+            "ask, evidence mode: p50": p("cpu", 50),
+            "ask, evidence mode: p95": p("cpu", 95),
+        },
+        "median_written_mb_per_publish": med(lambda r: r["publish_written_bytes"] / 1e6),
+        "median_index_step_s": med(lambda r: r["index_s"]),
+        "asks": asks,
     }
 
 
@@ -437,6 +509,28 @@ def render(result: dict[str, Any]) -> None:
         table.add_row(label, *cells)
     console.print(table)
 
+    cpu_table = Table(
+        title="the same, process CPU seconds (all threads; less sensitive to load)",
+        title_justify="left",
+    )
+    cpu_table.add_column("operation")
+    for s in sizes:
+        cpu_table.add_column(f"{s['docs']} docs", justify="right")
+    if len(sizes) > 1:
+        cpu_table.add_column("last / first", justify="right")
+    rows = {
+        **{k: [s["median_cpu_s"][k] for s in sizes] for k in sizes[0]["median_cpu_s"]},
+        "MB written per publish": [s["median_written_mb_per_publish"] for s in sizes],
+        "index step after a publish (wall)": [s["median_index_step_s"] for s in sizes],
+    }
+    for key, values in rows.items():
+        label = key if not key.startswith("publish: ") else "  " + key.split(": ", 1)[1]
+        cells = [f"{v:.3f}" for v in values]
+        if len(sizes) > 1:
+            cells.append(f"{values[-1] / values[0]:.1f}x" if values[0] > 0.0005 else "-")
+        cpu_table.add_row(label, *cells)
+    console.print(cpu_table)
+
     grow_table = Table(
         title=f"growing the memories: one {result['build_batch']}-doc version each",
         title_justify="left",
@@ -447,6 +541,7 @@ def render(result: dict[str, Any]) -> None:
     grow_table.add_column("ms/doc", justify="right")
     for q in QDRANT_CALLS:
         grow_table.add_column(f"of which\n{q}", justify="right")
+    grow_table.add_column("then\nindex step s", justify="right")
     for g in result["build"]:
         grow_table.add_row(
             str(g["version"]),
@@ -454,6 +549,7 @@ def render(result: dict[str, Any]) -> None:
             f"{g['seconds']:.2f}",
             f"{1000 * g['seconds'] / g['docs']:.1f}",
             *(f"{g['parts_s'].get(q, 0.0):.2f}" for q in QDRANT_CALLS),
+            f"{g.get('index_s', 0.0):.2f}" + (" *" if g.get("indexed") else ""),
         )
     console.print(grow_table)
 
@@ -467,6 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--replace", type=float, default=0.5, help="fraction of the batch replacing")
     ap.add_argument("--build-batch", type=int, default=1000, help="docs per version when growing")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ask", type=int, default=ASK_QUESTIONS, help="/ask calls timed per size")
     ap.add_argument("--qdrant-url", help="a Qdrant server instead of the embedded store")
     ap.add_argument(
         "--embedded", choices=["edge", "local"], default="edge", help="embedded backend"
@@ -511,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                     batch_docs=args.batch,
                     repeats=args.repeats,
                     replace_fraction=args.replace,
+                    questions=args.ask,
                 )
             )
     finally:
