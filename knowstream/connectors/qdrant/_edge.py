@@ -24,10 +24,13 @@ index is built in bounded steps (:meth:`EdgeStore.index`, run by
 
 - the optimizer indexes a segment only once its vectors pass ``index_kb``
   (``indexing_threshold``), so a step indexes at most that much new data (10 MB,
-  ~6.7k vectors, ~4 s of CPU on this 2-core machine) and most steps do nothing;
+  ~6.7k vectors; 2-10 s on this 2-core machine, BENCHMARKS.md 6.1) and most steps do nothing;
   points written since stay in the small appendable segment, scanned exactly;
 - up to ``SEGMENTS`` indexed segments are kept before the merge optimizer joins
-  the smallest ones, so steps stay bounded as the memory grows;
+  the smallest ones (~200k documents at the default threshold; a merge step
+  rebuilds the merged segments, so it is longer: not measured yet). Each segment
+  adds a fixed cost to every read (33 segments at 100k documents: search at live
+  15 ms against 1 ms at 1k);
 - HNSW is used for a filtered search where the filter keeps more than a quarter of
   ``index_kb`` of a segment's vectors (``full_scan_threshold``; at ``index_kb`` itself
   a search for chunks, two thirds of a segment, stayed an exact scan everywhere);
