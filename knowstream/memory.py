@@ -21,7 +21,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
@@ -226,11 +226,26 @@ class Memory:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    @contextmanager
+    def _abandoned_on_failure(self, version: int, what: str) -> Iterator[None]:
+        """If the block fails, purge ``version``'s points and mark it abandoned, then
+        raise a ``PublishError`` saying ``what`` failed (one already is, as it is). The
+        cleanup is best effort: if it fails too, ``recover()`` finishes it."""
+        try:
+            yield
+        except BaseException as e:
+            with suppress(Exception):
+                purge_version(self.store, version)
+                self.registry.abandon(version)
+            if isinstance(e, Exception) and not isinstance(e, PublishError):
+                raise PublishError(f"{what} failed: {e}") from e
+            raise
+
     def _publish(
         self, batch, parent, kind, offsets, model_versions, make_live, progress, source_digest
     ):
         version, run_id = self.registry.reserve(parent, kind)
-        try:
+        with self._abandoned_on_failure(version, f"publishing version {version}"):
             parent_lineage = self.registry.lineage(parent) if parent is not None else []
             closed = write_version(self.store, version, parent_lineage, batch, progress)
             parent_counts = (
@@ -262,16 +277,6 @@ class Memory:
             )
             self.registry.log_artifacts(run_id, batch.files, manifest)
             self.registry.publish(version, run_id, manifest)
-        except BaseException as e:
-            # Best effort now; recover() finishes the job if this fails too.
-            try:
-                purge_version(self.store, version)
-                self.registry.abandon(version)
-            except Exception:
-                pass
-            if isinstance(e, Exception):
-                raise PublishError(f"publishing version {version} failed: {e}") from e
-            raise
         if make_live:
             self.registry.set_live(version)
         return self.registry.get(version)
@@ -304,7 +309,7 @@ class Memory:
             source = self.resolve(version)
             info = self.registry.get(source)
             root, run_id = self.registry.reserve(None, "compact")
-            try:
+            with self._abandoned_on_failure(root, f"compacting version {source}"):
                 written = fold_version(self.store, self.registry.lineage(source), root)
                 if written != self.store.count(visible(self.registry.lineage(source))):
                     raise PublishError(f"compact: version {root} lacks points of {source}")
@@ -320,15 +325,6 @@ class Memory:
                 )
                 self.registry.log_artifacts(run_id, [], manifest)
                 self.registry.publish(root, run_id, manifest)
-            except BaseException as e:
-                try:
-                    purge_version(self.store, root)
-                    self.registry.abandon(root)
-                except Exception:
-                    pass
-                if isinstance(e, Exception) and not isinstance(e, PublishError):
-                    raise PublishError(f"compacting version {source} failed: {e}") from e
-                raise
             if self.registry.live() == source:
                 self.registry.set_live(root)
             return self.registry.get(root)
