@@ -74,8 +74,8 @@ def clean_question(text: str) -> str:
 
 
 def keep_question(q: str) -> bool:
-    """A usable question: one line, ends with '?', 4 to 30 words."""
-    return "\n" not in q and q.endswith("?") and 4 <= len(q.split()) <= 30
+    """A usable question (``clean_question``'s one line): ends with '?', 4 to 30 words."""
+    return q.endswith("?") and 4 <= len(q.split()) <= 30
 
 
 @torch.no_grad()
