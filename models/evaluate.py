@@ -181,6 +181,7 @@ class Context:
         self.texts = passages(records)
         self.entries: dict[str, torch.Tensor] = {}
         if mac is not None:
+            mac.bind_lm(lm, tokenizer)
             ids = list(self.texts)
             with torch.no_grad(), self.autocast():
                 for i in range(0, len(ids), 64):
@@ -198,7 +199,7 @@ class Context:
 
     def bank(self, doc_ids: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries (B, N, T, d) of each question's docs, padded to the longest list, + mask."""
-        T, d = self.mac.config.n_tokens, self.mac.config.d_lm
+        T, d = self.mac.config.entry_shape
         N = max(1, max(len(x) for x in doc_ids))
         bank = torch.zeros(len(doc_ids), N, T, d, device=self.lm.device)
         mask = torch.zeros(len(doc_ids), N, dtype=torch.bool, device=self.lm.device)

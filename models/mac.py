@@ -66,6 +66,13 @@ class MACConfig:
         0  # LoRA rank on every linear layer of the document encoder (0: frozen)
     )
     encoder_lora_alpha: float = 16.0  # LoRA scale alpha / rank
+    # --- the reader of documents: "reader" (MiniLM states read by learned queries, then
+    # aggregator and expansion) or "lm" (the LM itself reads the document; see LMAmortizer) ---
+    amortizer: str = "reader"
+    lm_lora_rank: int = 16  # "lm": LoRA rank on every linear layer of the LM's reading pass
+    lm_lora_alpha: float = 32.0  # "lm": LoRA scale alpha / rank
+    lm_ffn: int = 1536  # "lm": the LM's MLP width (LoRA shapes)
+    max_doc_tokens: int = 1024  # "lm": a longer document is read up to this many LM tokens
     seed: int = 0  # seed of the initial weights: untrained models are identical across processes
 
     @property
@@ -77,6 +84,23 @@ class MACConfig:
     def n_prefix(self) -> int:
         """Prefix tokens the expansion makes: a key and a value, mem_len each, per LM layer."""
         return 2 * self.n_layers_lm * self.mem_len
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def key_rows(self) -> int:
+        """ "lm" entries: rows of width kv_width that hold the document's MiniLM embedding."""
+        return self.d_enc // self.kv_width
+
+    @property
+    def entry_shape(self) -> tuple[int, int]:
+        """One memory entry: (T, d_lm) for "reader"; for "lm", the n_prefix key/value rows
+        of the memory tokens and ``key_rows`` rows of the document's embedding."""
+        if self.amortizer == "lm":
+            return (self.n_prefix + self.key_rows, self.kv_width)
+        return (self.n_tokens, self.d_lm)
 
 
 class Attention(nn.Module):
@@ -264,17 +288,49 @@ class Amortizer(nn.Module):
         return self(doc_states, doc_mask)
 
 
-class EncoderLoRA(nn.Module):
-    """Low-rank deltas for every linear layer of the (otherwise frozen) document
-    encoder: W' = W + (alpha / r) B A, A (r, in), B (out, r), B = 0 at init, so an
-    untrained delta is the frozen encoder exactly. The encoder's own weights are
-    never changed (the same encoder embeds chunks and reads questions): the
-    forward pass swaps the merged weights in with ``torch.func.functional_call``.
+class LoRA(nn.Module):
+    """Low-rank deltas for named linear weights of a frozen model: W' = W + (alpha / r) B A,
+    A (r, in), B (out, r), B = 0 at init, so an untrained delta is the frozen model
+    exactly. The model's own weights are never changed (it has other users: the same
+    encoder embeds chunks, the same LM answers): a forward pass swaps the merged weights
+    in with ``torch.func.functional_call``."""
 
-    The targets are listed in the config's order of the encoder's parameter names
-    (``*.weight`` of 2-d linear layers inside ``encoder.layer``); their shapes are
-    fixed for all-MiniLM-L6-v2 (6 layers x q, k, v, attention out, FFN in, FFN out).
-    """
+    def __init__(
+        self, names: list[str], shapes: list[tuple[int, int]], rank: int, alpha: float
+    ) -> None:
+        super().__init__()
+        self.scale = alpha / rank
+        self.names = names
+        # ParameterDict keys may not contain dots.
+        self.a = nn.ParameterDict(
+            {
+                n.replace(".", "_"): nn.Parameter(torch.randn(rank, i) / math.sqrt(i))
+                for n, (_, i) in zip(names, shapes, strict=True)
+            }
+        )
+        self.b = nn.ParameterDict(
+            {
+                n.replace(".", "_"): nn.Parameter(torch.zeros(o, rank))
+                for n, (o, _) in zip(names, shapes, strict=True)
+            }
+        )
+
+    def merged(self, model: nn.Module) -> dict[str, Tensor]:
+        """Model parameter name -> W + scale * B A, for every target."""
+        params = dict(model.named_parameters())
+        out = {}
+        for n in self.names:
+            w = params[n]
+            key = n.replace(".", "_")
+            out[n] = w + (self.scale * (self.b[key] @ self.a[key])).to(w.dtype)
+        return out
+
+
+class EncoderLoRA(LoRA):
+    """LoRA deltas for every linear layer of the document encoder, listed in the order
+    of the encoder's parameter names (``*.weight`` of 2-d linear layers inside
+    ``encoder.layer``); their shapes are fixed for all-MiniLM-L6-v2 (6 layers x q, k,
+    v, attention out, FFN in, FFN out)."""
 
     # (name suffix, (out, in)) per encoder layer of all-MiniLM-L6-v2
     TARGETS = (
@@ -288,38 +344,13 @@ class EncoderLoRA(nn.Module):
     N_LAYERS = 6
 
     def __init__(self, c: MACConfig) -> None:
-        super().__init__()
-        r = c.encoder_lora_rank
-        self.scale = c.encoder_lora_alpha / r
-        self.names = [
+        names = [
             f"encoder.layer.{i}.{suffix}"
             for i in range(self.N_LAYERS)
             for suffix, _ in self.TARGETS
         ]
         shapes = [shape for _ in range(self.N_LAYERS) for _, shape in self.TARGETS]
-        # ParameterDict keys may not contain dots.
-        self.a = nn.ParameterDict(
-            {
-                n.replace(".", "_"): nn.Parameter(torch.randn(r, i) / math.sqrt(i))
-                for n, (_, i) in zip(self.names, shapes, strict=True)
-            }
-        )
-        self.b = nn.ParameterDict(
-            {
-                n.replace(".", "_"): nn.Parameter(torch.zeros(o, r))
-                for n, (o, _) in zip(self.names, shapes, strict=True)
-            }
-        )
-
-    def merged(self, model: nn.Module) -> dict[str, Tensor]:
-        """Encoder parameter name -> W + scale * B A, for every target."""
-        params = dict(model.named_parameters())
-        out = {}
-        for n in self.names:
-            w = params[n]
-            key = n.replace(".", "_")
-            out[n] = w + (self.scale * (self.b[key] @ self.a[key])).to(w.dtype)
-        return out
+        super().__init__(names, shapes, c.encoder_lora_rank, c.encoder_lora_alpha)
 
     def encode_ids(self, encoder: TextEncoder, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
         """``TextEncoder.encode_ids`` through the adapted encoder (differentiable)."""
@@ -338,6 +369,165 @@ class EncoderLoRA(nn.Module):
             strict=False,
         )
         return out.last_hidden_state, mask
+
+
+class LMLoRA(LoRA):
+    """LoRA deltas for every linear layer of the LM (q, k, v, o, gate, up, down of each
+    decoder layer), used only when the LM reads a document for its entry."""
+
+    def __init__(self, c: MACConfig) -> None:
+        d, kv, ffn = c.d_lm, c.kv_width, c.lm_ffn
+        targets = (
+            ("self_attn.q_proj.weight", (d, d)),
+            ("self_attn.k_proj.weight", (kv, d)),
+            ("self_attn.v_proj.weight", (kv, d)),
+            ("self_attn.o_proj.weight", (d, d)),
+            ("mlp.gate_proj.weight", (ffn, d)),
+            ("mlp.up_proj.weight", (ffn, d)),
+            ("mlp.down_proj.weight", (d, ffn)),
+        )
+        names = [f"layers.{i}.{t}" for i in range(c.n_layers_lm) for t, _ in targets]
+        shapes = [shape for _ in range(c.n_layers_lm) for _, shape in targets]
+        super().__init__(names, shapes, c.lm_lora_rank, c.lm_lora_alpha)
+
+
+class LMAmortizer(nn.Module):
+    """Document -> memory entry, read by the LM itself (``MACConfig.amortizer = "lm"``).
+
+    The frozen LM, with LoRA deltas that only this pass uses, reads the document followed
+    by mem_len learned memory embeddings. The keys and values the memory tokens get at
+    every layer are the entry: they are already what the answering LM reads as a prefix,
+    and the LM's own reading of the text does the compression (a learned map from
+    another encoder's states into the LM's key/value space did not carry SQuAD content:
+    EVAL.md). Rotary positions put the document just before position task_len and the
+    memory tokens at the positions the memory has in the prefix, so the cached keys fit
+    the answering LM as they are. ``key_rows`` more rows hold the document's MiniLM
+    embedding: the key by which the aggregator (``EntrySelector``) weighs entries.
+
+    Entry: (2 * L * mem_len + key_rows, kv_width), rows in (layer, key|value, token) order.
+    """
+
+    def __init__(self, c: MACConfig) -> None:
+        super().__init__()
+        assert c.d_enc % c.kv_width == 0, "the document key must fill whole rows"
+        self.c = c
+        # The scale of the LM's token embeddings (std 0.136): the LM reads these like tokens.
+        self.memory = nn.Parameter(torch.randn(c.mem_len, c.d_lm) * 0.136)
+        self.lora = LMLoRA(c)
+
+    def bind_lm(self, lm: nn.Module, tokenizer) -> None:
+        """Read with this (frozen) LM; kept out of the module tree, so it is neither saved
+        nor moved with the MAC weights. Unbound, the first read loads one."""
+        self.__dict__["_lm"] = (lm, tokenizer)
+
+    def frozen_lm(self):
+        if "_lm" not in self.__dict__:
+            from knowstream.models.lm import load_lm
+
+            p = self.memory
+            self.bind_lm(*load_lm(dtype=p.dtype, device=p.device))
+        return self.__dict__["_lm"]
+
+    def read(self, ids: list[list[int]]) -> Tensor:
+        """Token ids of b documents -> their memory key/values (b, 2 * L * mem_len, kv_width)."""
+        c, m = self.c, self.c.mem_len
+        lm, tokenizer = self.frozen_lm()
+        dev = self.memory.device
+        B, L = len(ids), max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((B, L), pad, dtype=torch.long)
+        mask = torch.zeros(B, L + m, dtype=torch.long)
+        mask[:, L:] = 1
+        for i, x in enumerate(ids):  # left-padded: every document ends at column L - 1
+            input_ids[i, L - len(x) :] = torch.tensor(x)
+            mask[i, L - len(x) : L] = 1
+        emb = lm.model.embed_tokens(input_ids.to(dev))  # (B, L, d_lm)
+        x = torch.cat([emb, self.memory.to(emb.dtype).expand(B, -1, -1)], 1)  # (B, L + m, d_lm)
+        pos = (torch.arange(L + m, device=dev) - L + c.task_len).expand(B, -1)
+        out = torch.func.functional_call(
+            lm.model,
+            self.lora.merged(lm.model),
+            args=(),
+            kwargs={
+                "inputs_embeds": x,
+                "attention_mask": mask.to(dev),
+                "position_ids": pos,
+                "use_cache": True,
+            },
+            strict=False,
+        )
+        kv = torch.stack(
+            [
+                torch.stack([layer.keys[:, :, -m:], layer.values[:, :, -m:]], 1)
+                for layer in out.past_key_values.layers
+            ],
+            1,
+        )  # (B, L_lm, 2, heads, m, head_dim)
+        return kv.permute(0, 1, 2, 4, 3, 5).reshape(B, c.n_prefix, c.kv_width)
+
+    def amortize_texts(
+        self,
+        encoder: TextEncoder,
+        texts: list[str],
+        window_batch: int = 32,
+        sort_by_length: bool = True,
+    ) -> Tensor:
+        """Memory entries (B, *entry_shape) of ``texts``, ``window_batch`` documents per LM
+        pass (in order of length with ``sort_by_length``: less padding, same result)."""
+        c = self.c
+        if not texts:
+            return self.memory.new_zeros(0, *c.entry_shape)
+        _, tokenizer = self.frozen_lm()
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = [x[: c.max_doc_tokens] or [tokenizer.eos_token_id] for x in ids]
+        order = list(range(len(texts)))
+        if sort_by_length:
+            order.sort(key=lambda i: len(ids[i]))
+        rows: list[Tensor | None] = [None] * len(texts)
+        for start in range(0, len(order), window_batch):
+            idx = order[start : start + window_batch]
+            for i, kv in zip(idx, self.read([ids[i] for i in idx]), strict=True):
+                rows[i] = kv
+        kv = torch.stack(rows)  # type: ignore[arg-type]  # every text was read above
+        states, mask = encoder.encode(texts)
+        w = mask[..., None].to(states.dtype)
+        key = F.normalize((states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)  # (B, d_enc)
+        return torch.cat([kv, key.view(len(texts), c.key_rows, c.kv_width).to(kv)], 1)
+
+
+class EntrySelector(nn.Module):
+    """Question + bank of "lm" entries -> the question's weighted mean of its entries'
+    key/values (B, n_prefix, kv_width), the aggregator of ``MACConfig.amortizer = "lm"``.
+
+    The weights are a softmax over the entries of a learned bilinear similarity between
+    the question's and each document's MiniLM embedding, which starts as their cosine
+    similarity (the retriever's ranking) at temperature 1/20. With one entry it is that
+    entry exactly, so own vs wrong entry measures what an entry carries, nothing else.
+    """
+
+    def __init__(self, c: MACConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.proj = nn.Linear(c.d_enc, c.d_enc)
+        nn.init.eye_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+
+    def forward(
+        self, q_states: Tensor, q_mask: Tensor, bank: Tensor, bank_mask: Tensor | None = None
+    ) -> Tensor:
+        """Question states (B, Lq, d_enc) + mask, bank (B, N, *entry_shape) + mask (B, N)."""
+        B, N, R, W = bank.shape
+        k = self.c.key_rows
+        w = q_mask[..., None].to(q_states.dtype)
+        q = F.normalize((q_states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+        q = F.normalize(self.proj(q.to(self.proj.weight.dtype)).float(), dim=-1)  # (B, d_enc)
+        keys = F.normalize(bank[:, :, R - k :].reshape(B, N, k * W).float(), dim=-1)
+        scores = self.log_scale.exp().float() * torch.einsum("bd,bnd->bn", q, keys)
+        if bank_mask is not None:
+            scores = scores.masked_fill(~bank_mask, float("-inf"))
+        weights = torch.softmax(scores, -1).nan_to_num(0.0)  # no entry at all: zeros
+        return torch.einsum("bn,bnrw->brw", weights.to(bank.dtype), bank[:, :, : R - k])
 
 
 class BankBlock(nn.Module):
@@ -436,10 +626,12 @@ class Expansion(nn.Module):
     def __init__(self, c: MACConfig) -> None:
         super().__init__()
         self.c = c
-        kv_width = c.n_kv_heads * c.head_dim
-        self.proj = nn.Linear(c.d_lm, kv_width)
-        self.mix = nn.Linear(c.n_tokens, c.n_prefix)
-        self.head = TokenMLP(c.n_prefix, kv_width, kv_width, c.token_hidden)
+        kv_width = c.kv_width
+        # "lm" entries are key/value rows already (LMAmortizer): nothing to learn here.
+        if c.amortizer != "lm":
+            self.proj = nn.Linear(c.d_lm, kv_width)
+            self.mix = nn.Linear(c.n_tokens, c.n_prefix)
+            self.head = TokenMLP(c.n_prefix, kv_width, kv_width, c.token_hidden)
         # The shared task prompt: task_len free key/value tokens per layer, the same
         # for every question and entry (and used alone by the modes without memory).
         self.task = (
@@ -459,8 +651,10 @@ class Expansion(nn.Module):
         task prompt's task_len tokens, then mem_len tokens made from ``x``."""
         c = self.c
         B = x.shape[0]
-        z = self.mix(self.proj(x).transpose(1, 2)).transpose(1, 2)  # (B, 2L*mem_len, kv_width)
-        kv = self.head(z).view(B, c.n_layers_lm, 2, c.mem_len, c.n_kv_heads, c.head_dim)
+        if c.amortizer != "lm":
+            z = self.mix(self.proj(x).transpose(1, 2)).transpose(1, 2)  # (B, 2L*mem_len, kv_width)
+            x = self.head(z)
+        kv = x.view(B, c.n_layers_lm, 2, c.mem_len, c.n_kv_heads, c.head_dim)
         kv = kv.permute(1, 2, 0, 4, 3, 5)  # (L, 2, B, heads, mem_len, head_dim)
         if self.task is None:
             return [(layer[0], layer[1]) for layer in kv]
@@ -492,14 +686,26 @@ class MAC(nn.Module):
         # that every process builds identical untrained weights (and version).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.amortizer = Amortizer(config, config.amortizer_layers, encoder_lora=True)
-            self.aggregator = Aggregator(config)
+            self.amortizer: Amortizer | LMAmortizer
+            self.aggregator: Aggregator | EntrySelector
+            if config.amortizer == "lm":
+                self.amortizer, self.aggregator = LMAmortizer(config), EntrySelector(config)
+            elif config.amortizer == "reader":
+                self.amortizer = Amortizer(config, config.amortizer_layers, encoder_lora=True)
+                self.aggregator = Aggregator(config)
+            else:
+                raise ValueError(f"amortizer must be 'reader' or 'lm', not {config.amortizer!r}")
             self.expansion = Expansion(config)
 
     @classmethod
     def init(cls, config: MACConfig | None = None) -> MAC:
         """Untrained MAC for ``config`` (default ``MACConfig()``), seeded by ``config.seed``."""
         return cls(config or MACConfig())
+
+    def bind_lm(self, lm: nn.Module, tokenizer) -> None:
+        """Give an "lm" amortizer the already loaded frozen LM (no-op for "reader")."""
+        if isinstance(self.amortizer, LMAmortizer):
+            self.amortizer.bind_lm(lm, tokenizer)
 
     def forward(
         self, q_states: Tensor, q_mask: Tensor, bank: Tensor, bank_mask: Tensor | None = None

@@ -14,7 +14,8 @@
 #   stash      copy every carried .carry*/ file to /tmp/parts
 #   train      + build the LM and MiniLM; train the shared task prompt alone (TASK_MINUTES),
 #              then MAC from it with the task prompt frozen and focused context
-#              distillation ($TRAIN_ARGS appended); the checkpoint comes back in 3 parts
+#              distillation ($TRAIN_ARGS appended); the checkpoint comes back in 3 parts.
+#              TRAIN_FROM=DIR continues from a carried checkpoint instead (chained runs)
 #   eval       evaluate the trained checkpoint (CKPT) on validation + eval articles
 #   rung1      rung 1: synthetic facts, train + evaluate own vs wrong entry
 #   lm         rung 0: self-questions for 64 eval passages, free distilled prefixes
@@ -51,9 +52,9 @@ SPLIT=data/splits/squad_v1.1.json
 DEV=$P/dev.jsonl.gz
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u; } | tee $OUT/$STEP.log
 run() { echo "+ $*" | tee -a $OUT/$STEP.log; "$@" 2>&1 | grep -v -i warn | tee -a $OUT/$STEP.log; }
-# The MAC shape of issue 9 (task prompt 4 + memory 2 tokens per layer, encoder LoRA r16).
-MAC_ARGS="--task_len=4 --prefix_len=6 --d_model=256 --amortizer_layers=3 --aggregator_blocks=3
-  --token_hidden=32 --encoder_lora_rank=16 --dropout=0.0"
+# The MAC shape of issue 9: task prompt 4 + memory 2 tokens per layer, the LM reads the
+# documents with LoRA r16 (MACConfig.amortizer = "lm").
+MAC_ARGS="--amortizer=lm --task_len=4 --prefix_len=6 --lm_lora_rank=16 --dropout=0.0"
 
 case $STEP in
 lm)
@@ -66,7 +67,10 @@ lm)
         --device cuda --out $OUT/rung0.json
     ;;
 train)
-    if [ ! -d /tmp/task/best ]; then
+    INIT=/tmp/task/best
+    if [ -n "${TRAIN_FROM:-}" ]; then
+        INIT=$TRAIN_FROM
+    elif [ ! -d /tmp/task/best ]; then
         run python3 -m knowstream.models.train $MAC_ARGS --train_mac=false --squad=$DEV \
             --split=$SPLIT --extra=$P/train.jsonl.gz --out_dir=/tmp/task --device=cuda \
             --max_minutes=${TASK_MINUTES:-1} --lr=1e-2 --warmup_steps=20 --batch_docs=64 \
@@ -74,7 +78,7 @@ train)
         cp /tmp/task/metrics.json $OUT/task-metrics.json
     fi
     run python3 -m knowstream.models.train --squad=$DEV --split=$SPLIT \
-        --extra=$P/train.jsonl.gz --init_from=/tmp/task/best --freeze_task=true --kd_focus=1 \
+        --extra=$P/train.jsonl.gz --init_from=$INIT --freeze_task=true --kd_focus=1 \
         --task_weight=0 --out_dir=/tmp/run --device=cuda --batch_docs=32 --q_per_doc=4 \
         --curriculum=1,1,2,4 --curriculum_frac=0.6 --rag_frac=0.2 --val_max=300 \
         --eval_every=150 ${TRAIN_ARGS:-}
@@ -85,8 +89,9 @@ train)
     ;;
 eval)
     CKPT=${CKPT:-/tmp/ckpt}
-    run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split validation \
-        --checkpoint $CKPT --retrieval .gpu/retrieval-validation.json --device cuda \
+    [ -n "${EVAL_VALIDATION:-}" ] && run python3 -m knowstream.models.evaluate --data $DEV \
+        --split-file $SPLIT --split validation --checkpoint $CKPT \
+        --retrieval .gpu/retrieval-validation.json --device cuda \
         --modes mac_gold,mac_wrong,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3 \
         --out $OUT/validation.json
     run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split eval \

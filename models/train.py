@@ -112,6 +112,8 @@ class TrainConfig:
     seed: int = 0  # data order and distractors
     init_from: str = ""  # checkpoint folder to continue from ("" = fresh seeded weights)
     # --- MACConfig fields (the rest keep MACConfig's defaults: SmolLM2-135M + MiniLM) ---
+    amortizer: str = "reader"  # "reader" (MiniLM + learned readers) or "lm" (the LM reads)
+    lm_lora_rank: int = 16  # "lm": LoRA rank of the LM's reading pass
     n_tokens: int = 16  # T, vectors per memory entry
     prefix_len: int = 2  # P, prefix tokens per LM layer (task prompt included)
     task_len: int = 0  # shared task prompt tokens per LM layer (first of the P)
@@ -341,6 +343,7 @@ def train(
     (also written to ``out/metrics.json`` if ``out`` is given). ``on_step`` gets the
     step and the fraction of the run done (steps or time budget, whichever is ahead)."""
     torch.manual_seed(cfg.seed)
+    mac.bind_lm(lm, tokenizer)
     dev = torch.device(cfg.device)
     use_amp = dev.type == "cuda"
     amp_dtype = getattr(torch, cfg.autocast_dtype)
