@@ -519,14 +519,15 @@ class EntrySelector(nn.Module):
         """Question states (B, Lq, d_enc) + mask, bank (B, N, *entry_shape) + mask (B, N)."""
         B, N, R, W = bank.shape
         k = self.c.key_rows
-        w = q_mask[..., None].to(q_states.dtype)
-        q = F.normalize((q_states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
-        q = F.normalize(self.proj(q.to(self.proj.weight.dtype)).float(), dim=-1)  # (B, d_enc)
-        keys = F.normalize(bank[:, :, R - k :].reshape(B, N, k * W).float(), dim=-1)
-        scores = self.log_scale.exp().float() * torch.einsum("bd,bnd->bn", q, keys)
-        if bank_mask is not None:
-            scores = scores.masked_fill(~bank_mask, float("-inf"))
-        weights = torch.softmax(scores, -1).nan_to_num(0.0)  # no entry at all: zeros
+        with torch.autocast(bank.device.type, enabled=False):  # the weights in float32
+            w = q_mask[..., None].float()
+            q = F.normalize((q_states.float() * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+            q = F.normalize(self.proj(q.to(self.proj.weight.dtype)).float(), dim=-1)  # (B, d_enc)
+            keys = F.normalize(bank[:, :, R - k :].reshape(B, N, k * W).float(), dim=-1)
+            scores = self.log_scale.exp().float() * torch.einsum("bd,bnd->bn", q, keys)
+            if bank_mask is not None:
+                scores = scores.masked_fill(~bank_mask, float("-inf"))
+            weights = torch.softmax(scores, -1).nan_to_num(0.0)  # no entry at all: zeros
         return torch.einsum("bn,bnrw->brw", weights.to(bank.dtype), bank[:, :, : R - k])
 
 

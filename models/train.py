@@ -404,7 +404,9 @@ def train(
             v = validate(mac, lm, encoder, tokenizer, va, ctx, cfg)
             rec = {"step": step, "elapsed_s": round(elapsed, 1), **v}
             metrics["val"].append(rec)
-            better = metrics["best"] is None or v[cfg.select] < metrics["best"][cfg.select]
+            better = math.isfinite(v[cfg.select]) and (
+                metrics["best"] is None or v[cfg.select] < metrics["best"][cfg.select]
+            )
             if better:
                 metrics["best"] = rec
                 if out is not None:
@@ -428,7 +430,10 @@ def train(
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
-        opt.step()
+        if torch.isfinite(gnorm):
+            opt.step()
+        else:  # one overflowing batch must not turn every weight into NaN
+            metrics["skipped_steps"] = metrics.get("skipped_steps", 0) + 1
         for k, x in losses.items():
             running[k] += float(x.detach())
         n_running += 1
