@@ -180,11 +180,12 @@ def load_models(dev: str, lm_cache_dir: str = "", amp_dtype: str = "bfloat16", e
 
 def bundled_checkpoint() -> Path:
     """The folder of the checkpoint that ships inside the ``knowstream.models`` package
-    (models/checkpoints/mac-squad, trained on SQuAD v1.1 dev train articles + SQuADShifts,
-    EVAL.md), so a fresh machine amortizes with trained weights and no training step."""
+    (models/checkpoints/mac-lm-squad: the LM reads documents, trained on SQuAD v1.1 train and
+    the dev split's train articles, EVAL.md), so a fresh machine amortizes with trained
+    weights and no training step."""
     import knowstream.models
 
-    return Path(knowstream.models.__path__[0]) / "checkpoints" / "mac-squad"
+    return Path(knowstream.models.__path__[0]) / "checkpoints" / "mac-lm-squad"
 
 
 def is_registry_spec(spec: str) -> bool:
