@@ -442,14 +442,14 @@ class LMAmortizer(nn.Module):
             input_ids[i, L - len(x) :] = torch.tensor(x)
             mask[i, L - len(x) : L] = 1
         emb = lm.model.embed_tokens(input_ids.to(dev))  # (B, L, d_lm)
-        x = torch.cat([emb, self.memory.to(emb.dtype).expand(B, -1, -1)], 1)  # (B, L + m, d_lm)
+        embeds = torch.cat([emb, self.memory.to(emb.dtype).expand(B, -1, -1)], 1)  # (B, L+m, d_lm)
         pos = (torch.arange(L + m, device=dev) - L + c.task_len).expand(B, -1)
         out = torch.func.functional_call(
             lm.model,
             self.lora.merged(lm.model),
             args=(),
             kwargs={
-                "inputs_embeds": x,
+                "inputs_embeds": embeds,
                 "attention_mask": mask.to(dev),
                 "position_ids": pos,
                 "use_cache": True,
