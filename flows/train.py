@@ -8,7 +8,7 @@ artifact) and registers the checkpoint as a version of ``knowstream-amortizer``
 with the alias ``live``:
 
     .venv/bin/python -m knowstream.flows.train --metrics RUN/metrics.json \
-        --checkpoint models/checkpoints/mac-squad --eval RUN/eval.json \
+        --checkpoint models/checkpoints/mac-lm-squad --eval RUN/eval.json \
         --eval RUN/validation.json [--mlflow-uri URI] [--no-alias]
 """
 

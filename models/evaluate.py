@@ -31,7 +31,7 @@ Command (as used for EVAL.md):
     python -m knowstream.models.evaluate --data DATA/dev.jsonl \
         --split-file data/splits/squad_v1.1.json --split eval --retrieval hits.json \
         --retention-modes rag@5,mac@5,mac_wrong@5 \
-        --checkpoint models/checkpoints/mac-squad --out results.json
+        --checkpoint models/checkpoints/mac-lm-squad --out results.json
 """
 
 from __future__ import annotations
