@@ -2,19 +2,22 @@
 
 MAC keeps a frozen LM's knowledge current without touching its weights:
 
-1. Amortize. Each new document is read once by the frozen text encoder
-   (all-MiniLM-L6-v2, models/encoder.py); the ``Amortizer`` compresses the
-   encoder's token states into a memory entry of T vectors of the LM's width,
-   (T, d_lm). Entries are stored in a bank and never recomputed.
-2. Aggregate. For a question, the ``Aggregator`` reads the question with the
-   same frozen encoder, turns it into T query vectors and cross-attends from them
-   over the retrieved entries, giving one (T, d_lm) summary of what the bank
-   knows that is relevant to the question.
+1. Amortize. Each new document is read once into a memory entry; entries are
+   stored in a bank and never recomputed. Two readers (``MACConfig.amortizer``):
+   - "lm" (the shipped checkpoint): the frozen LM itself, with LoRA deltas used
+     only for this pass, reads the document and mem_len memory tokens; their keys
+     and values at every layer are the entry (``LMAmortizer``).
+   - "reader": the frozen text encoder (all-MiniLM-L6-v2, models/encoder.py) and
+     the ``Amortizer``'s learned queries compress the document into (T, d_lm).
+2. Aggregate. For a question, the aggregator merges the retrieved entries into one
+   summary: "lm" weighs whole entries by question/document similarity
+   (``EntrySelector``); "reader" cross-attends from the question's T query vectors
+   over all entries (``Aggregator``).
 3. Modulate. The ``Expansion`` turns that summary into P key/value prefix tokens
-   for every layer of the frozen LM (prefix tuning, generated per question), and
-   the LM answers with the prefix as its cache.
+   for every layer of the frozen LM (prefix tuning, generated per question), after
+   the shared task prompt, and the LM answers with the prefix as its cache.
 
-Only the three networks above are trained (see ``MAC.trainable_state_dict``):
+Only these networks (and LoRA deltas) are trained (see ``MAC.trainable_state_dict``):
 the encoder and the LM stay frozen and are not part of this module, so a
 checkpoint holds a few MB, not the 22M + 135M frozen parameters.
 
