@@ -11,24 +11,33 @@ Over the first ``--n`` distinct documents of ``--data`` (JSONL with doc_id, titl
 dev.jsonl with one line per question is deduplicated by doc_id), in batches of ``--batch``
 documents (the stage's ``amortize_batch``, 16 by default), each repeat measures:
 
-(a) raw forward: the encoder (MiniLM) and the Amortizer on inputs prepared beforehand, out
-    of the timer: token ids cut into windows, sorted by length, padded into id and mask
-    tensors already on the device. Timed: the encoder forward per window batch, gathering each
-    document's window states, padding them, the Amortizer forward, a device sync. This is
-    the compute a perfect pipeline would pay and nothing else.
+(a) raw forward: the document reader on inputs prepared beforehand, out of the timer; the
+    compute a perfect pipeline would pay and nothing else. Per ``MACConfig.amortizer``:
+    - "reader" (MiniLM + ``Amortizer``; entry (T, d_lm)): MiniLM token ids cut into windows,
+      sorted by length, padded into id and mask tensors already on the device. Timed: the
+      encoder forward per window batch, gathering each document's window states, padding
+      them, the Amortizer forward.
+    - "lm" (``LMAmortizer``, the frozen SmolLM2 with LoRA; entry ``config.entry_shape``):
+      LM token ids cut to ``max_doc_tokens``, sorted by length, in batches of
+      ``--window-batch`` documents; MiniLM ids of the documents padded on the device.
+      Timed: ``LMAmortizer.read`` per batch (its padding and the LM pass), the MiniLM key
+      (encoder forward, mean pool) and the entries put together.
+    Both end with a device sync.
 (b) stage path: ``amortize_compute.amortize_batch`` per batch, the function the stage's
-    RunInference model (``Amortize.run_inference``) calls: tokenization and windowing,
-    length-bucketed encoder batches, the Amortizer, conversion to float16, one MODULATION
-    row (bytes + sha256) per document.
-(c) with ``--unsorted``: the stage path with ``sort_by_length=False``, the order of
-    ``amortize_texts`` before length bucketing (windows encoded in input order).
+    RunInference model (``Amortize.run_inference``) calls: tokenization, the reader's
+    ``amortize_texts`` (length-bucketed batches), conversion to float16, one MODULATION row
+    (bytes + sha256) per document.
+(c) with ``--unsorted``: the stage path with ``sort_by_length=False`` (MiniLM windows or LM
+    documents batched in input order).
 
 Reported: docs/s of each, the ratio (b)/(a) (what the stage adds to the raw forward), the
-padding share of encoder tokens with and without sorting, and the bytes of a stored entry:
-the float16 (T, d_lm) vector, the ``modulation`` object of the Qdrant doc point as
-``connectors/qdrant/_target.py`` writes it (base64 data, shape, dtype, checksum, version;
-JSON-encoded), and both for 10,000 documents. Models load before timing; one warm-up batch per
-path runs first (CUDA context, kernel selection) and is not counted.
+largest difference between the first batch's entries of (a) and (b), the padding share of the
+reader's tokens (MiniLM window tokens, or LM document tokens) with and without sorting, and
+the bytes of a stored entry: the float16 vector of ``config.entry_shape``, the ``modulation``
+object of the Qdrant doc point as ``connectors/qdrant/_target.py`` writes it (base64 data,
+shape, dtype, checksum, version; JSON-encoded), and both for 10,000 documents. Models (the LM
+of an "lm" reader too) load before timing; one warm-up batch per path runs first (CUDA
+context, kernel selection) and is not counted.
 """
 
 from __future__ import annotations
@@ -122,23 +131,40 @@ def windows_of(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[
     return windows, owner
 
 
-def padding(windows: list[list[int]], window_batch: int, sort: bool) -> tuple[int, int]:
-    """(real tokens, padded positions) the encoder sees for these windows."""
-    lengths = [len(w) for w in windows]
+def lm_ids(tokenizer: Any, texts: list[str], max_doc_tokens: int) -> list[list[int]]:
+    """LM token ids of texts as ``LMAmortizer.amortize_texts`` reads them: cut to
+    ``max_doc_tokens``, an empty text one EOS."""
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [x[:max_doc_tokens] or [tokenizer.eos_token_id] for x in ids]
+
+
+def sequences_of(mac: Any, encoder: Any, texts: list[str]) -> list[list[int]]:
+    """What the document reader pads into batches: MiniLM windows ("reader"), or each
+    document's LM token ids ("lm")."""
+    if mac.config.amortizer == "lm":
+        return lm_ids(mac.amortizer.frozen_lm()[1], texts, mac.config.max_doc_tokens)
+    return windows_of(encoder.tokenizer, texts)[0]
+
+
+def padding(sequences: list[list[int]], batch: int, sort: bool) -> tuple[int, int]:
+    """(real tokens, padded positions) of these sequences in batches of ``batch``."""
+    lengths = [len(w) for w in sequences]
     if sort:
         lengths.sort()
     real = sum(lengths)
     padded = sum(
-        max(lengths[i : i + window_batch]) * len(lengths[i : i + window_batch])
-        for i in range(0, len(lengths), window_batch)
+        max(lengths[i : i + batch]) * len(lengths[i : i + batch])
+        for i in range(0, len(lengths), batch)
     )
     return real, padded
 
 
-def prepare_raw(tokenizer: Any, texts: list[str], window_batch: int, device: Any) -> dict[str, Any]:
-    """One document batch, tokenized, windowed, sorted by length and padded on ``device``."""
+# --- the raw forward (a), per reader: prepare_* out of the timer, then forward_* -------------
+def prepare_reader(mac: Any, encoder: Any, texts: list[str], window_batch: int) -> dict[str, Any]:
+    """One document batch, tokenized, windowed, sorted by length and padded on the device."""
     import torch
 
+    tokenizer, device = encoder.tokenizer, encoder.device
     windows, owner = windows_of(tokenizer, texts)
     order = sorted(range(len(windows)), key=lambda w: len(windows[w]))
     encoder_batches = []
@@ -164,8 +190,8 @@ def prepare_raw(tokenizer: Any, texts: list[str], window_batch: int, device: Any
     }
 
 
-def raw_forward(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
-    """Encoder + Amortizer on a prepared batch: (B, T, d_lm) entries, on the device."""
+def forward_reader(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
+    """Encoder + Amortizer on a prepared batch: (B, T, d_lm) entries."""
     import torch
 
     states_of: list[Any] = [None] * prepared["n_windows"]
@@ -184,6 +210,49 @@ def raw_forward(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
         torch.arange(doc_states.shape[1], device=param.device) < prepared["text_lengths"][:, None]
     )
     return mac.amortizer(doc_states, doc_mask)
+
+
+def prepare_lm(mac: Any, encoder: Any, texts: list[str], window_batch: int) -> dict[str, Any]:
+    """One document batch: LM ids sorted by length in batches of ``window_batch`` documents
+    (``LMAmortizer.read`` pads them), and the MiniLM inputs of the key on the device."""
+    from knowstream.models.encoder import MAX_TOKENS
+
+    ids = sequences_of(mac, encoder, texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    key_inputs = encoder.tokenizer(
+        texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+    ).to(encoder.device)
+    lm_batches = [(idx, [ids[i] for i in idx]) for idx in batches(order, window_batch)]
+    return {"batches": lm_batches, "key_inputs": key_inputs}
+
+
+def forward_lm(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
+    """LM reads + MiniLM key on a prepared batch: (B, *entry_shape) entries."""
+    import torch
+
+    c, key_inputs = mac.config, prepared["key_inputs"]
+    rows: list[Any] = [None] * len(key_inputs["input_ids"])
+    for idx, ids in prepared["batches"]:
+        for i, kv in zip(idx, mac.amortizer.read(ids), strict=True):
+            rows[i] = kv
+    kv = torch.stack(rows)
+    states = encoder.model(**key_inputs).last_hidden_state
+    w = key_inputs["attention_mask"][..., None].to(states.dtype)
+    key = torch.nn.functional.normalize((states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+    return torch.cat([kv, key.view(len(rows), c.key_rows, c.kv_width).to(kv)], 1)
+
+
+RAW = {"reader": (prepare_reader, forward_reader), "lm": (prepare_lm, forward_lm)}
+
+
+def prepare_raw(mac: Any, encoder: Any, texts: list[str], window_batch: int) -> dict[str, Any]:
+    """The raw forward's inputs of one document batch, for ``mac``'s reader (not timed)."""
+    return RAW[mac.config.amortizer][0](mac, encoder, texts, window_batch)
+
+
+def raw_forward(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
+    """``mac``'s reader on ``prepare_raw``'s inputs: (B, *entry_shape) entries, on the device."""
+    return RAW[mac.config.amortizer][1](mac, encoder, prepared)
 
 
 # --- measurement -------------------------------------------------------------------------------
@@ -239,15 +308,15 @@ def render(result: dict[str, Any]) -> None:
             f"{w / raw:.2f}x",
         )
     console.print(table)
-    pad = result["encoder_tokens"]
+    pad = result["reader_tokens"]
     console.print(
-        f"encoder tokens: {pad['real']} real; padded positions {pad['padded_sorted']} sorted "
+        f"{pad['unit']}: {pad['real']} real; padded positions {pad['padded_sorted']} sorted "
         f"({pad['padding_share_sorted']:.1%} padding), {pad['padded_unsorted']} unsorted "
         f"({pad['padding_share_unsorted']:.1%} padding)"
     )
     b = result["bytes"]
     console.print(
-        f"per entry: {b['per_entry']['vector_float16']:,} B float16 vector, "
+        f"per entry {tuple(b['entry_shape'])}: {b['per_entry']['vector_float16']:,} B float16, "
         f"{b['per_entry']['qdrant_modulation_payload_json']:,} B as the Qdrant payload's "
         f"modulation (JSON, base64); {BANK_DOCS:,} docs: "
         f"{b['bank_10k']['vector_float16'] / 1e6:.1f} MB vectors, "
@@ -270,7 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--batch", type=int, help="docs per batch (default: settings amortize_batch)")
     ap.add_argument(
-        "--window-batch", type=int, help="windows per encoder forward (default: settings)"
+        "--window-batch",
+        type=int,
+        help='windows per encoder forward, "lm": documents per LM pass (default: settings)',
     )
     ap.add_argument(
         "--threads", type=int, help="torch CPU threads (default: settings torch_threads)"
@@ -290,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from knowstream.models.inference import amortizer_version, load_amortizer
-    from knowstream.models.mac import MACConfig
     from knowstream.pipelines.stages.amortize_compute import amortize_batch, load_stage_encoder
     from knowstream.schemas.modulation import Modulation
     from knowstream.settings import Settings
@@ -321,26 +391,27 @@ def main(argv: list[str] | None = None) -> int:
     encoder, loads["encoder"] = timed_call(lambda: load_stage_encoder(device, dtype))
     mac, loads["amortizer"] = timed_call(lambda: load_amortizer(spec, device, dtype))
     version, loads["amortizer version (weights hash)"] = timed_call(lambda: amortizer_version(spec))
+    config = mac.config
+    if config.amortizer == "lm":  # else the first read would load it, in the warm-up
+        _, loads["lm"] = timed_call(mac.amortizer.frozen_lm)
     on_cuda = torch.device(device).type == "cuda"
 
     def sync() -> None:
         if on_cuda:
             torch.cuda.synchronize(device)
 
-    tok = encoder.tokenizer
     with console.status("preparing the raw-forward inputs (not timed)..."):
         prepared, prepare_s = timed_call(
             lambda: [
-                prepare_raw(tok, [e.text for e in b], window_batch, encoder.device)
-                for b in event_batches
+                prepare_raw(mac, encoder, [e.text for e in b], window_batch) for b in event_batches
             ]
         )
-    all_windows = windows_of(tok, [e.text for e in events])[0]
-    # Padding as the stage sees it: per document batch, windows sorted or in input order.
-    per_batch = [windows_of(tok, [e.text for e in b])[0] for b in event_batches]
-    real = sum(padding(w, window_batch, True)[0] for w in per_batch)
-    padded_sorted = sum(padding(w, window_batch, True)[1] for w in per_batch)
-    padded_unsorted = sum(padding(w, window_batch, False)[1] for w in per_batch)
+    # Padding as the stage sees it: per document batch, sequences sorted or in input order.
+    per_batch = [sequences_of(mac, encoder, [e.text for e in b]) for b in event_batches]
+    n_sequences = sum(len(s) for s in per_batch)
+    real = sum(padding(s, window_batch, True)[0] for s in per_batch)
+    padded_sorted = sum(padding(s, window_batch, True)[1] for s in per_batch)
+    padded_unsorted = sum(padding(s, window_batch, False)[1] for s in per_batch)
 
     def raw(p: dict[str, Any]) -> Any:
         with torch.inference_mode():
@@ -377,9 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     raw_first = check["raw_forward"].float().cpu().numpy()
     stage_first = np.stack([Modulation.from_row(r).to_array() for r in check["stage_path"]])
     max_abs_diff = float(np.abs(raw_first - stage_first.astype(np.float32)).max())
+    max_abs_raw = float(np.abs(raw_first).max())
     row = check["stage_path"][0]
+    assert tuple(row["shape"]) == config.entry_shape, (row["shape"], config.entry_shape)
     per_entry = entry_bytes(row)
-    config = MACConfig()
 
     paths_out = {}
     for name, rs in runs.items():
@@ -405,12 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": threads,
         "amortizer": spec,
         "amortizer_version": version,
+        "reader": config.amortizer,
         "repeats": args.repeats,
         "load_s": loads,
         "prepare_raw_inputs_s": prepare_s,
-        "windows": len(all_windows),
-        "windows_per_doc": len(all_windows) / n,
-        "encoder_tokens": {
+        "reader_tokens": {
+            "unit": "LM document tokens" if config.amortizer == "lm" else "MiniLM window tokens",
+            "sequences": n_sequences,  # MiniLM windows, or LM documents
+            "sequences_per_doc": n_sequences / n,
             "real": real,
             "padded_sorted": padded_sorted,
             "padded_unsorted": padded_unsorted,
@@ -420,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         "paths": paths_out,
         "stage_over_raw": paths_out["stage_path"]["median_wall_s"] / raw_s,
         "first_batch_max_abs_diff_raw_vs_stage": max_abs_diff,
+        "first_batch_max_abs_raw": max_abs_raw,
         "bytes": {
-            "entry_shape": [config.n_tokens, config.d_lm],
+            "entry_shape": list(config.entry_shape),
             "per_entry": per_entry,
             "bank_10k": {k: BANK_DOCS * v for k, v in per_entry.items()},
         },
@@ -434,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     render(result)
     console.print(
         f"stage path / raw forward = {result['stage_over_raw']:.2f}x; "
-        f"first batch max |raw - stage| = {max_abs_diff:.2e} (stage stores float16)"
+        f"first batch max |raw - stage| = {max_abs_diff:.2e} of max |raw| {max_abs_raw:.2e} "
+        "(stage stores float16)"
     )
     write_result(out, result)
     return 0

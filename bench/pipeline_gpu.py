@@ -22,9 +22,10 @@ In one process, on one device:
    Beam, inputs tokenized, length-sorted, padded and moved to the device beforehand (not
    timed): MiniLM over the chunks the pipeline embedded, batched as the stage batches them
    (groups of ``embed_batch`` sorted by length, forwards of ``Embed.forward_batch``; forward,
-   mean pooling, normalization), and MiniLM + the amortizer over the documents, in
+   mean pooling, normalization), and the MAC's document reader over the documents, in
    batches of ``amortize_batch`` with ``amortize_window_batch`` windows per encoder forward
-   (``bench/amortize.py``'s raw forward). One warm-up batch each; median of ``--repeats``.
+   (MiniLM + the amortizer) or documents per LM pass (the "lm" reader): ``bench/amortize.py``'s
+   raw forward. One warm-up batch each; median of ``--repeats``.
 
 The goal figure (issue 12): (raw embed s + raw amortize s) / (in-pipeline embed s +
 amortize s), i.e. the pipeline's embed + amortize throughput as a fraction of the raw
@@ -284,12 +285,7 @@ def run_raw(settings: Any, docs: list[dict[str, Any]], chunk_texts: list[str], r
     texts = [d["text"] for d in docs]
     b = settings.amortize_batch
     amortize_in = [
-        prepare_raw(
-            amortize_encoder.tokenizer,
-            texts[i : i + b],
-            settings.amortize_window_batch,
-            amortize_encoder.device,
-        )
+        prepare_raw(mac, amortize_encoder, texts[i : i + b], settings.amortize_window_batch)
         for i in range(0, len(texts), b)
     ]
 

@@ -94,6 +94,20 @@ def test_amortize_padding_counts():
     assert bench_amortize.padding(windows, 4, sort=True) == (220, 400)
 
 
+def test_amortize_lm_ids_cut_as_the_lm_reader_does():
+    """The "lm" raw path reads LM ids as LMAmortizer.amortize_texts: at most max_doc_tokens,
+    an empty text one EOS."""
+
+    class Tokenizer:
+        eos_token_id = 2
+
+        def __call__(self, texts, add_special_tokens, verbose):
+            return {"input_ids": [[7] * len(t.split()) for t in texts]}
+
+    ids = bench_amortize.lm_ids(Tokenizer(), ["a b c d e", "", "a b"], max_doc_tokens=3)
+    assert ids == [[7, 7, 7], [2], [7, 7]]
+
+
 def test_amortize_entry_bytes():
     data = np.zeros((16, 576), dtype=np.float16).tobytes()
     row = {
