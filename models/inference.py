@@ -140,7 +140,7 @@ def answer(
 ) -> str:
     """Greedy answer of the frozen LM to ``question``, modulated by the bank.
 
-    ``bank`` holds the retrieved entries for this question, (N, T, d_lm); N may
+    ``bank`` holds the retrieved entries for this question, (N, *entry_shape); N may
     be 0. The question goes to the LM through its chat template, after the
     prefix, exactly as in training (``models/train.py``) and evaluation.
     """

@@ -145,7 +145,7 @@ def build(
 
     modulations, amortize_failures = upserts | "amortize" >> Isolated(
         Amortize.from_settings(settings)
-    )  # MODULATION rows, (T, d_lm) float16 each
+    )  # MODULATION rows, one float16 entry each
 
     docs = (
         chunked | "upsert rows" >> beam.Map(lambda d: d["doc"]),

@@ -1,4 +1,4 @@
-"""Modulation: a document's memory entry, the (T, d_lm) output of the amortizer.
+"""Modulation: a document's memory entry, the amortizer's output (its config's entry_shape).
 
 Stored as raw little-endian bytes with its shape and dtype, so any reader can
 rebuild the exact tensor without pickles.
@@ -17,7 +17,7 @@ MODULATION_SCHEMA = pa.schema(
         ("doc_id", pa.string()),
         ("content_hash", pa.string()),
         ("amortizer_version", pa.string()),
-        ("shape", pa.list_(pa.int32())),  # (T, d_lm)
+        ("shape", pa.list_(pa.int32())),  # the amortizer config's entry_shape
         ("dtype", pa.string()),  # numpy dtype name, "float16"
         ("data", pa.binary()),  # C-order little-endian bytes
         ("checksum", pa.string()),  # sha256 of data

@@ -1,7 +1,7 @@
 """Stage "amortize": a document -> its memory entry, by one forward pass (MAC).
 
     in:  {"event": DocumentEvent, "topic", "partition", "offset"} (upserts)
-    out: MODULATION rows: (T, d_lm) float16 per document, with the amortizer version
+    out: MODULATION rows: one float16 entry (entry_shape) per document, with the amortizer version
 
 The amortizer is the MAC amortization network of ``knowstream.models.mac``:
 the frozen MiniLM encoder reads the document and T learned queries distil it

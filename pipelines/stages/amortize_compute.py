@@ -66,7 +66,7 @@ def amortize_batch(
     window_batch: int = WINDOW_BATCH,
     sort_by_length: bool = True,
 ) -> list[dict]:
-    """One MODULATION row per event: (T, d_lm) float16 entry, doc id, content hash, ``version``.
+    """One MODULATION row per event: float16 entry, doc id, content hash, ``version``.
 
     Tokenization and windowing, the encoder and amortizer forward pass
     (``Amortizer.amortize_texts``), the float16 conversion and the rows: all the
