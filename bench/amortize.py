@@ -213,8 +213,9 @@ def forward_reader(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
 
 
 def prepare_lm(mac: Any, encoder: Any, texts: list[str], window_batch: int) -> dict[str, Any]:
-    """One document batch: LM ids sorted by length in batches of ``window_batch`` documents
-    (``LMAmortizer.read`` pads them), and the MiniLM inputs of the key on the device."""
+    """One document batch: LM ids sorted by length in LM passes of
+    ``LMAmortizer.docs_per_pass(window_batch)`` documents, and the MiniLM inputs of the key
+    on the device."""
     from knowstream.models.encoder import MAX_TOKENS
 
     ids = sequences_of(mac, encoder, texts)
@@ -222,7 +223,8 @@ def prepare_lm(mac: Any, encoder: Any, texts: list[str], window_batch: int) -> d
     key_inputs = encoder.tokenizer(
         texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
     ).to(encoder.device)
-    lm_batches = [(idx, [ids[i] for i in idx]) for idx in batches(order, window_batch)]
+    per_pass = mac.amortizer.docs_per_pass(window_batch)
+    lm_batches = [(idx, [ids[i] for i in idx]) for idx in batches(order, per_pass)]
     return {"batches": lm_batches, "key_inputs": key_inputs}
 
 

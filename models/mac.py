@@ -431,6 +431,13 @@ class LMAmortizer(nn.Module):
             self.bind_lm(*load_lm(dtype=p.dtype, device=p.device))
         return self.__dict__["_lm"]
 
+    def docs_per_pass(self, window_batch: int) -> int:
+        """Documents per LM pass. On the CPU each document is read alone: it is faster there
+        (no padding), and an entry's bytes then do not depend on which documents shared its
+        batch (padding changes the float rounding, and float16 storage can show it), so a
+        backfill rebuilds the same memory."""
+        return 1 if self.memory.device.type == "cpu" else window_batch
+
     def read(self, ids: list[list[int]]) -> Tensor:
         """Token ids of b documents -> their memory key/values (b, 2 * L * mem_len, kv_width)."""
         c, m = self.c, self.c.mem_len
@@ -475,8 +482,8 @@ class LMAmortizer(nn.Module):
         window_batch: int = 32,
         sort_by_length: bool = True,
     ) -> Tensor:
-        """Memory entries (B, *entry_shape) of ``texts``, ``window_batch`` documents per LM
-        pass (in order of length with ``sort_by_length``: less padding, same result)."""
+        """Memory entries (B, *entry_shape) of ``texts``, ``docs_per_pass(window_batch)``
+        documents per LM pass (in order of length with ``sort_by_length``: less padding)."""
         c = self.c
         if not texts:
             return self.memory.new_zeros(0, *c.entry_shape)
@@ -487,15 +494,17 @@ class LMAmortizer(nn.Module):
         if sort_by_length:
             order.sort(key=lambda i: len(ids[i]))
         rows: list[Tensor | None] = [None] * len(texts)
-        for start in range(0, len(order), window_batch):
-            idx = order[start : start + window_batch]
-            for i, kv in zip(idx, self.read([ids[i] for i in idx]), strict=True):
-                rows[i] = kv
-        kv = torch.stack(rows)  # type: ignore[arg-type]  # every text was read above
-        states, mask = encoder.encode(texts)
-        w = mask[..., None].to(states.dtype)
-        key = F.normalize((states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)  # (B, d_enc)
-        return torch.cat([kv, key.view(len(texts), c.key_rows, c.kv_width).to(kv)], 1)
+        per_pass = self.docs_per_pass(window_batch)
+        for start in range(0, len(order), per_pass):
+            idx = order[start : start + per_pass]
+            kv = self.read([ids[i] for i in idx])
+            states, mask = encoder.encode([texts[i] for i in idx])
+            w = mask[..., None].to(states.dtype)
+            key = F.normalize((states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)  # (b, d_enc)
+            key = key.view(len(idx), c.key_rows, c.kv_width).to(kv)
+            for i, entry in zip(idx, torch.cat([kv, key], 1), strict=True):
+                rows[i] = entry
+        return torch.stack(rows)  # type: ignore[arg-type]  # every text was read above
 
 
 class EntrySelector(nn.Module):

@@ -77,17 +77,31 @@ def test_entry_shape_and_key_rows_are_the_minilm_embedding(entries, encoder):
     torch.testing.assert_close(keys.norm(dim=-1), torch.ones(len(DOCS)))
 
 
+@pytest.fixture(scope="module")
+def trained(lm):
+    mac = MAC.load(bundled_checkpoint())  # trained LoRA: not the identity
+    mac.bind_lm(*lm)
+    return mac
+
+
+TEXTS = [DOCS[0] + " " + DOCS[1] * 3, DOCS[2], "", DOCS[1]]  # lengths differ, one empty
+
+
 @torch.no_grad()
-def test_batching_and_sorting_do_not_change_entries(encoder, lm):
-    trained = MAC.load(bundled_checkpoint())  # trained LoRA: not the identity
-    trained.bind_lm(*lm)
-    texts = [DOCS[0] + " " + DOCS[1] * 3, DOCS[2], "", DOCS[1]]  # lengths differ, one empty
-    batched = trained.amortizer.amortize_texts(encoder, texts, window_batch=4, sort_by_length=True)
-    one_by_one = trained.amortizer.amortize_texts(
-        encoder, texts, window_batch=1, sort_by_length=False
-    )
+def test_a_padded_lm_pass_reads_each_document_as_alone(trained, lm):
+    tokenizer = lm[1]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS if t]
+    batched = trained.amortizer.read(ids)  # left-padded to the longest
+    alone = torch.cat([trained.amortizer.read([x]) for x in ids])
     assert torch.isfinite(batched).all()
-    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_on_cpu_an_entry_does_not_depend_on_its_batch(trained, encoder):
+    together = trained.amortizer.amortize_texts(encoder, TEXTS, window_batch=4)
+    apart = torch.cat([trained.amortizer.amortize_texts(encoder, [t]) for t in TEXTS])
+    assert torch.equal(together.half(), apart.half())  # the stored bytes: a backfill's equal
     assert trained.amortizer.amortize_texts(encoder, []).shape == (0, *C.entry_shape)
 
 
