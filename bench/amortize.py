@@ -18,8 +18,9 @@ documents (the stage's ``amortize_batch``, 16 by default), each repeat measures:
       encoder forward per window batch, gathering each document's window states, padding
       them, the Amortizer forward.
     - "lm" (``LMAmortizer``, the frozen SmolLM2 with LoRA; entry ``config.entry_shape``):
-      LM token ids cut to ``max_doc_tokens``, sorted by length, in batches of
-      ``--window-batch`` documents; MiniLM ids of the documents padded on the device.
+      LM token ids cut to ``max_doc_tokens``, sorted by length, in LM passes of
+      ``LMAmortizer.docs_per_pass(--window-batch)`` documents (one on the CPU); MiniLM ids of
+      the documents padded on the device.
       Timed: ``LMAmortizer.read`` per batch (its padding and the LM pass), the MiniLM key
       (encoder forward, mean pool) and the entries put together.
     Both end with a device sync.
@@ -411,9 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     # Padding as the stage sees it: per document batch, sequences sorted or in input order.
     per_batch = [sequences_of(mac, encoder, [e.text for e in b]) for b in event_batches]
     n_sequences = sum(len(s) for s in per_batch)
-    real = sum(padding(s, window_batch, True)[0] for s in per_batch)
-    padded_sorted = sum(padding(s, window_batch, True)[1] for s in per_batch)
-    padded_unsorted = sum(padding(s, window_batch, False)[1] for s in per_batch)
+    group = window_batch
+    if mac.config.amortizer == "lm":
+        group = mac.amortizer.docs_per_pass(window_batch)
+    real = sum(padding(s, group, True)[0] for s in per_batch)
+    padded_sorted = sum(padding(s, group, True)[1] for s in per_batch)
+    padded_unsorted = sum(padding(s, group, False)[1] for s in per_batch)
 
     def raw(p: dict[str, Any]) -> Any:
         with torch.inference_mode():
