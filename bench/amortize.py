@@ -239,9 +239,10 @@ def forward_lm(mac: Any, encoder: Any, prepared: dict[str, Any]) -> Any:
         for i, kv in zip(idx, mac.amortizer.read(ids), strict=True):
             rows[i] = kv
     kv = torch.stack(rows)
+    from knowstream.models.encoder import sentence_embedding
+
     states = encoder.model(**key_inputs).last_hidden_state
-    w = key_inputs["attention_mask"][..., None].to(states.dtype)
-    key = torch.nn.functional.normalize((states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+    key = sentence_embedding(states, key_inputs["attention_mask"])
     return torch.cat([kv, key.view(len(rows), c.key_rows, c.kv_width).to(kv)], 1)
 
 

@@ -86,15 +86,19 @@ class TextEncoder:
         pooled_parts = []
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            states, mask = self.encode([texts[i] for i in idx])
-            m = mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            pooled_parts.append(torch.nn.functional.normalize(pooled, p=2, dim=-1))
+            pooled_parts.append(sentence_embedding(*self.encode([texts[i] for i in idx])))
         if pooled_parts:
             # One copy back at the end: on a GPU the next batch is tokenized while the
             # previous one computes, instead of waiting for each batch's result.
             out[order] = torch.cat(pooled_parts).float().cpu().numpy()
         return out
+
+
+def sentence_embedding(states: Tensor, mask: Tensor) -> Tensor:
+    """L2-normalized mean of the real tokens' states: (B, L, 384) + mask -> (B, 384)."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=-1)
 
 
 @functools.cache

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from knowstream.models.encoder import MAX_TOKENS, TextEncoder
+from knowstream.models.encoder import MAX_TOKENS, TextEncoder, sentence_embedding
 
 
 @dataclass
@@ -499,9 +499,7 @@ class LMAmortizer(nn.Module):
             idx = order[start : start + per_pass]
             kv = self.read([ids[i] for i in idx])
             states, mask = encoder.encode([texts[i] for i in idx])
-            w = mask[..., None].to(states.dtype)
-            key = F.normalize((states * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)  # (b, d_enc)
-            key = key.view(len(idx), c.key_rows, c.kv_width).to(kv)
+            key = sentence_embedding(states, mask).view(len(idx), c.key_rows, c.kv_width).to(kv)
             for i, entry in zip(idx, torch.cat([kv, key], 1), strict=True):
                 rows[i] = entry
         return torch.stack(rows)  # type: ignore[arg-type]  # every text was read above
@@ -532,8 +530,7 @@ class EntrySelector(nn.Module):
         B, N, R, W = bank.shape
         k = self.c.key_rows
         with torch.autocast(bank.device.type, enabled=False):  # the weights in float32
-            w = q_mask[..., None].float()
-            q = F.normalize((q_states.float() * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+            q = sentence_embedding(q_states.float(), q_mask)
             q = F.normalize(self.proj(q.to(self.proj.weight.dtype)).float(), dim=-1)  # (B, d_enc)
             keys = F.normalize(bank[:, :, R - k :].reshape(B, N, k * W).float(), dim=-1)
             scores = self.log_scale.exp().float() * torch.einsum("bd,bnd->bn", q, keys)
