@@ -99,7 +99,9 @@ class TrainConfig:
     kd_weight: float = 1.0  # context distillation: KL(teacher with passage || student)
     gold_weight: float = 1.0  # student NLL of gold answers
     task_weight: float = 1.0  # teacher NLL of gold answers (trains the task prompt)
-    rag_frac: float = 0.0  # fraction of student questions asked with their passage (mac+rag)
+    rag_frac: float = 0.0  # fraction of student questions asked with passages in the prompt
+    rag_k: int = 1  # passages in such a prompt: its own + rag_k - 1 of the same article (mac+rag@k)
+    article_group: int = 1  # a batch's passages come in groups of this many per article
     kd_focus: float = 0.0  # 0..1: weight KD tokens by what the passage changes (see kd_weights)
     freeze_task: bool = False  # keep the task prompt as loaded (--init_from): a fixed teacher
     max_answer_tokens: int = 24  # longer answers are cut (the EOS is then not trained)
@@ -108,7 +110,7 @@ class TrainConfig:
     log_every: int = 20  # steps between training-loss records
     val_max: int = 0  # validation questions per pass; 0 = all
     val_batch: int = 64  # questions per validation forward
-    select: str = "gold"  # validation loss that picks the best checkpoint: gold | teacher
+    select: str = "gold"  # validation losses picking the best, "+"-summed: gold, teacher, rag_gold
     seed: int = 0  # data order and distractors
     init_from: str = ""  # checkpoint folder to continue from ("" = fresh seeded weights)
     # --- MACConfig fields (the rest keep MACConfig's defaults: SmolLM2-135M + MiniLM) ---
@@ -165,15 +167,21 @@ def mac_nll(mac, lm, encoder, tokenizer, questions, prompts, answers, bank, bank
 
 
 class Batches:
-    """Random batches of distinct passages with ``q_per_doc`` questions each."""
+    """Random batches of distinct passages with ``q_per_doc`` questions each; with
+    ``article_group`` > 1, in groups of passages of one article (the hard negatives
+    retrieval returns, used as the other passages of mac+rag prompts)."""
 
     def __init__(self, records: list[QA], tokenizer, cfg: TrainConfig) -> None:
         self.rng = random.Random(cfg.seed)
-        self.rag_frac = cfg.rag_frac
+        self.rag_frac, self.rag_k, self.group = cfg.rag_frac, cfg.rag_k, cfg.article_group
+        self.tokenizer = tokenizer
         by_doc: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(records):
             by_doc[r.doc_id].append(i)
         self.docs = list(by_doc.items())
+        self.by_title: dict[str, list[int]] = defaultdict(list)  # article -> indices in docs
+        for j, (_, qs) in enumerate(self.docs):
+            self.by_title[records[qs[0]].title].append(j)
         self.records = records
         self.prompts = chat_prompts(tokenizer, [r.question for r in records])
         # The teacher's prompts: the passage, then the question.
@@ -182,15 +190,58 @@ class Batches:
         )
         self.answers = answer_ids(tokenizer, [r.answers[0] for r in records], cfg.max_answer_tokens)
 
-    def student_prompt(self, i: int) -> list[int]:
-        """Question ``i``'s prompt: with its passage with probability ``rag_frac``."""
-        if self.rag_frac and self.rng.random() < self.rag_frac:
-            return self.passage_prompts[i]
-        return self.prompts[i]
+    def student_contexts(self, owner: list[int], titles: list[str]) -> list[list[int] | None]:
+        """For each question (its passage ``owner[q]`` of the batch): None (question
+        alone), or with probability ``rag_frac`` the batch passages in its prompt, as
+        ``mac+rag@k`` serves them: its own and ``rag_k - 1`` others of the same article
+        when the batch has them (else any others), in random order."""
+        out: list[list[int] | None] = []
+        for o in owner:
+            if not (self.rag_frac and self.rng.random() < self.rag_frac):
+                out.append(None)
+                continue
+            same = [d for d, t in enumerate(titles) if t == titles[o] and d != o]
+            rest = [d for d in range(len(titles)) if d != o and titles[d] != titles[o]]
+            self.rng.shuffle(same)
+            self.rng.shuffle(rest)
+            docs = [o, *(same + rest)[: self.rag_k - 1]]
+            self.rng.shuffle(docs)
+            out.append(docs)
+        return out
+
+    def student_prompts(self, flat: list[int], contexts, texts: list[str]) -> list[list[int]]:
+        """The student's prompt of each question: the question alone, or its passages."""
+        prompts: list[list[int]] = []
+        for i, docs in zip(flat, contexts, strict=True):
+            if docs is None:
+                prompts.append(self.prompts[i])
+            elif len(docs) == 1:  # its own passage: the teacher's prompt
+                prompts.append(self.passage_prompts[i])
+            else:
+                joined = "\n\n".join(texts[d] for d in docs)
+                content = passage_prompt(joined, self.records[i].question)
+                prompts += chat_prompts(self.tokenizer, [content])
+        return prompts
+
+    def _grouped_docs(self, n_docs: int):
+        """``n_docs`` passages, ``group`` at a time from random articles."""
+        titles = [t for t, ds in self.by_title.items() if len(ds) >= self.group]
+        if not titles:
+            return self.rng.sample(self.docs, min(n_docs, len(self.docs)))
+        n_art = min(len(titles), -(-n_docs // self.group))
+        picked = [j for t in self.rng.sample(titles, n_art) for j in
+                  self.rng.sample(self.by_title[t], self.group)]  # fmt: skip
+        return [self.docs[j] for j in picked[:n_docs]]
 
     def sample(self, n_docs: int, q_per_doc: int):
-        docs = self.rng.sample(self.docs, min(n_docs, len(self.docs)))
+        """Passage texts, their article titles, each question's passage (index into the
+        texts) and the questions (indices into the records)."""
+        if self.group > 1:
+            docs = self._grouped_docs(n_docs)
+        else:
+            docs = self.rng.sample(self.docs, min(n_docs, len(self.docs)))
         texts = [self.records[qs[0]].text for _, qs in docs]
+        titles = [self.records[qs[0]].title for _, qs in docs]
         qidx = [
             [self.rng.choice(qs) for _ in range(q_per_doc)]
             if len(qs) < q_per_doc
@@ -199,7 +250,7 @@ class Batches:
         ]
         owner = [d for d, qs in enumerate(qidx) for _ in qs]  # passage index of each question
         flat = [i for qs in qidx for i in qs]
-        return texts, owner, flat
+        return texts, titles, owner, flat
 
 
 def bank_for(entries: Tensor, owner: list[int], size: int, shift: int = 0) -> Tensor:
@@ -209,6 +260,20 @@ def bank_for(entries: Tensor, owner: list[int], size: int, shift: int = 0) -> Te
     size = min(size, n)
     idx = torch.tensor([[(o + shift + j) % n for j in range(size)] for o in owner])
     return entries[idx.to(entries.device)]
+
+
+def mixed_bank(entries: Tensor, owner: list[int], size: int, contexts) -> tuple[Tensor, Tensor]:
+    """(B_q, N, T, d) + mask (B_q, N): ``bank_for``'s bank for a question alone, the
+    entries of its prompt's passages (in prompt order) for a question with passages."""
+    n = entries.shape[0]
+    rows = [
+        [(o + j) % n for j in range(min(size, n))] if docs is None else docs
+        for o, docs in zip(owner, contexts, strict=True)
+    ]
+    N = max(len(r) for r in rows)
+    idx = torch.tensor([r + [0] * (N - len(r)) for r in rows], device=entries.device)
+    mask = torch.tensor([[j < len(r) for j in range(N)] for r in rows], device=entries.device)
+    return entries[idx], mask
 
 
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -227,8 +292,10 @@ def bank_size_at(progress: float, sizes: list[int], curriculum_frac: float) -> i
 # ----------------------------------------------------------------------------- losses
 
 
-def step_losses(mac, lm, tokenizer, encoder, data: Batches, texts, owner, flat, size, cfg):
-    """The losses of one batch: a dict of scalars, ``loss`` the weighted total."""
+def step_losses(mac, lm, tokenizer, encoder, data: Batches, batch, size, cfg):
+    """The losses of one batch (``Batches.sample``'s): a dict of scalars, ``loss`` the
+    weighted total."""
+    texts, titles, owner, flat = batch
     recs = [data.records[i] for i in flat]
     answers = [data.answers[i] for i in flat]
     gold = torch.tensor([r.gold for r in recs], device=lm.device, dtype=torch.float)
@@ -247,11 +314,11 @@ def step_losses(mac, lm, tokenizer, encoder, data: Batches, texts, owner, flat, 
     loss = cfg.task_weight * out["teacher_nll"] if need_task_grad else t_logits.new_zeros(())
     if cfg.train_mac:
         entries = mac.amortizer.amortize_texts(encoder, texts)
-        bank = bank_for(entries, owner, size)
-        cache = mac_cache(mac, lm, encoder, [r.question for r in recs], bank)
-        s_logits, _, _ = answer_logits(
-            lm, [data.student_prompt(i) for i in flat], answers, cache, mac.config.prefix_len
-        )
+        contexts = data.student_contexts(owner, titles)
+        bank, bank_mask = mixed_bank(entries, owner, size, contexts)
+        cache = mac_cache(mac, lm, encoder, [r.question for r in recs], bank, bank_mask)
+        prompts = data.student_prompts(flat, contexts, texts)
+        s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
         s_nll = per_question(F.cross_entropy(s_logits, target, reduction="none"), rows, B)
         out["gold_nll"] = (s_nll * gold).sum() / gold.sum().clamp(min=1)
         kl = kl_per_token(t_logits.detach(), s_logits)
@@ -282,14 +349,29 @@ def kd_weights(teacher: Tensor, closed_book: Tensor, focus: float) -> Tensor:
 # ----------------------------------------------------------------------------- loop
 
 
+def val_rag_docs(val: Batches, gold: int, n: int, k: int) -> list[int]:
+    """A fixed mac+rag@k context of validation passage ``gold``: it and the next k - 1
+    passages of its article, with the gold passage at position ``n % k``."""
+    same = val.by_title[val.records[val.docs[gold][1][0]].title]
+    at = same.index(gold)
+    others = [same[(at + j) % len(same)] for j in range(1, min(k, len(same)))]
+    docs = others[:]
+    docs.insert(n % (len(others) + 1), gold)
+    return docs
+
+
 @torch.no_grad()
 def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -> dict:
     """Mean answer NLL on validation questions: the student with the gold entry
     alone and with a wrong passage's entry (the next passage in a fixed order: the
-    control), and the teacher (task prompt + passage); and the KD loss of each."""
+    control), and the teacher (task prompt + passage); and the KD loss of each. When
+    training asks questions with ``rag_k`` > 1 passages in the prompt: also with such a
+    prompt (``val_rag_docs``) and their own entries (``rag_gold``) or wrong ones."""
     mac.eval()
     doc_ids = [d for d, _ in val.docs]
     doc_index = {d: i for i, d in enumerate(doc_ids)}
+    texts = [val.records[qs[0]].text for _, qs in val.docs]
+    with_rag = cfg.train_mac and cfg.rag_frac > 0 and cfg.rag_k > 1
     qs = list(range(len(val.records)))
     if cfg.val_max:
         qs = qs[: cfg.val_max]
@@ -307,17 +389,29 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
             if not cfg.train_mac:
                 continue
             gold = [doc_index[val.records[i].doc_id] for i in idx]
-            wrong = [(g + len(doc_ids) // 2) % len(doc_ids) for g in gold]  # another passage
-            used = sorted(set(gold + wrong))
-            pos = {d: k for k, d in enumerate(used)}
-            entries = mac.amortizer.amortize_texts(
-                encoder, [val.records[val.docs[d][1][0]].text for d in used]
+            rag = (
+                [val_rag_docs(val, g, n, cfg.rag_k) for n, g in enumerate(gold)] if with_rag else []
             )
+            shift = len(doc_ids) // 2  # a wrong passage: another article's, as a rule
+            wrong = [
+                [(d + shift) % len(doc_ids) for d in docs] for docs in [[g] for g in gold] + rag
+            ]
+            used = sorted(
+                {d for docs in wrong for d in docs} | {d for docs in rag for d in docs} | set(gold)
+            )
+            pos = {d: k for k, d in enumerate(used)}
+            entries = mac.amortizer.amortize_texts(encoder, [texts[d] for d in used])
             questions = [val.records[i].question for i in idx]
-            prompts = [val.prompts[i] for i in idx]
-            for name, which in (("gold", gold), ("wrong", wrong)):
-                bank = entries[torch.tensor([pos[d] for d in which], device=entries.device)]
-                cache = mac_cache(mac, lm, encoder, questions, bank[:, None])
+            runs = [("gold", [[g] for g in gold], None), ("wrong", wrong[: len(idx)], None)]
+            if with_rag:  # the same passages in the prompt; their own entries or wrong ones
+                runs += [("rag_gold", rag, rag), ("rag_wrong", wrong[len(idx) :], rag)]
+            for name, docs, in_prompt in runs:
+                rows_ = [[pos[d] for d in ds] for ds in docs]
+                bank, mask = mixed_bank(entries, [0] * len(idx), 1, rows_)
+                cache = mac_cache(mac, lm, encoder, questions, bank, mask)
+                prompts = val.student_prompts(
+                    idx, [None] * len(idx) if in_prompt is None else in_prompt, texts
+                )
                 s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
                 tok = F.cross_entropy(s_logits, target, reduction="none")
                 totals[name] += float(per_question(tok, rows, len(idx)).sum())
@@ -402,10 +496,11 @@ def train(
         last = step >= cfg.max_steps or elapsed >= budget
         if va is not None and (step % cfg.eval_every == 0 or last) and (step > 0 or last):
             v = validate(mac, lm, encoder, tokenizer, va, ctx, cfg)
+            v["select"] = sum(v[k] for k in cfg.select.split("+"))
             rec = {"step": step, "elapsed_s": round(elapsed, 1), **v}
             metrics["val"].append(rec)
-            better = math.isfinite(v[cfg.select]) and (
-                metrics["best"] is None or v[cfg.select] < metrics["best"][cfg.select]
+            better = math.isfinite(v["select"]) and (
+                metrics["best"] is None or v["select"] < metrics["best"]["select"]
             )
             if better:
                 metrics["best"] = rec
@@ -424,9 +519,9 @@ def train(
         factor = lr_factor(step, progress, cfg)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * factor
-        texts, owner, flat = tr.sample(cfg.batch_docs, cfg.q_per_doc)
+        batch = tr.sample(cfg.batch_docs, cfg.q_per_doc)
         with ctx:
-            losses = step_losses(mac, lm, tokenizer, encoder, tr, texts, owner, flat, size, cfg)
+            losses = step_losses(mac, lm, tokenizer, encoder, tr, batch, size, cfg)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)

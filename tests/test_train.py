@@ -348,3 +348,41 @@ def test_self_questions_lose_their_labels_and_keep_only_questions():
     assert clean_question("Question 2: Where is the tower?") == "Where is the tower?"
     assert keep_question(clean_question("Who designed the Eiffel Tower?"))
     assert not keep_question(clean_question("I'm ready to assist you."))
+
+
+def test_mac_rag_prompts_hold_own_passage_and_same_article_neighbours(tokenizer):
+    records = load_qa(SAMPLE)
+    cfg = tiny_config(rag_frac=1.0, rag_k=3, article_group=3)
+    data = train_mod.Batches(records, tokenizer, cfg)
+    texts, titles, owner, flat = data.sample(6, 2)
+    assert len(set(titles)) == 2 and all(titles.count(t) == 3 for t in titles)
+    contexts = data.student_contexts(owner, titles)
+    for o, docs in zip(owner, contexts, strict=True):
+        assert o in docs and len(set(docs)) == 3 and {titles[d] for d in docs} == {titles[o]}
+    prompts = data.student_prompts(flat, contexts, texts)
+    decoded = [tokenizer.decode(p) for p in prompts]
+    for text, docs, i in zip(decoded, contexts, flat, strict=True):
+        assert all(texts[d] in text for d in docs) and records[i].question in text
+    # The bank of a question with passages is their entries, in prompt order; a question
+    # alone gets the gold entry and its in-batch distractors, padding masked.
+    entries = torch.arange(6.0)[:, None, None].expand(6, 2, 3)
+    bank, mask = train_mod.mixed_bank(entries, [0, 4], 2, [None, [5, 4, 3]])
+    assert bank[:, :, 0, 0].tolist() == [[0, 1, 0], [5, 4, 3]]
+    assert mask.tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_mac_rag_training_validates_own_against_wrong_entries_with_passages(tokenizer):
+    lm, mac = tiny_lm_and_mac(tokenizer)
+    records = load_qa(SAMPLE)
+    train_recs = [r for r in records if r.title in ("Oxygen", "Black_Death")][:24]
+    val_recs = [r for r in records if r.title == "Prime_number"][:12]
+    cfg = tiny_config(
+        max_steps=3, eval_every=3, rag_frac=0.5, rag_k=3, article_group=3, select="gold+rag_gold"
+    )
+    m = train_mod.train(mac, lm, tokenizer, load_encoder(), train_recs, val_recs, None, cfg, print)
+    v = m["val"][-1]
+    assert {"rag_gold", "rag_wrong", "kd_rag_gold", "kd_rag_wrong"} <= set(v)
+    assert all(np.isfinite(v[k]) for k in ("gold", "wrong", "rag_gold", "rag_wrong"))
+    assert v["select"] == pytest.approx(v["gold"] + v["rag_gold"])
+    # Own entries and wrong ones give different losses: the control really swaps entries.
+    assert v["rag_gold"] != v["rag_wrong"]
