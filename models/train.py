@@ -402,16 +402,19 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
             pos = {d: k for k, d in enumerate(used)}
             entries = mac.amortizer.amortize_texts(encoder, [texts[d] for d in used])
             questions = [val.records[i].question for i in idx]
-            runs = [("gold", [[g] for g in gold], None), ("wrong", wrong[: len(idx)], None)]
+            alone: list[list[int] | None] = [None] * len(idx)
+            with_passages: list[list[int] | None] = [*rag]
+            runs = [("gold", [[g] for g in gold], alone), ("wrong", wrong[: len(idx)], alone)]
             if with_rag:  # the same passages in the prompt; their own entries or wrong ones
-                runs += [("rag_gold", rag, rag), ("rag_wrong", wrong[len(idx) :], rag)]
+                runs += [
+                    ("rag_gold", rag, with_passages),
+                    ("rag_wrong", wrong[len(idx) :], with_passages),
+                ]
             for name, docs, in_prompt in runs:
                 rows_ = [[pos[d] for d in ds] for ds in docs]
                 bank, mask = mixed_bank(entries, [0] * len(idx), 1, rows_)
                 cache = mac_cache(mac, lm, encoder, questions, bank, mask)
-                prompts = val.student_prompts(
-                    idx, [None] * len(idx) if in_prompt is None else in_prompt, texts
-                )
+                prompts = val.student_prompts(idx, in_prompt, texts)
                 s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
                 tok = F.cross_entropy(s_logits, target, reduction="none")
                 totals[name] += float(per_question(tok, rows, len(idx)).sum())
