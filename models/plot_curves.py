@@ -29,6 +29,10 @@ def plot(metrics_path: str, out: str) -> None:
     ax.plot(
         [r["step"] for r in va], [r["wrong"] for r in va], "x--", label="validation, wrong entry"
     )
+    if va and "rag_gold" in va[0]:  # mac+rag training: the same with passages in the prompt
+        for key, style, what in (("rag_gold", "s-", "own"), ("rag_wrong", "+--", "wrong")):
+            label = f"validation, {what} entries, passages in the prompt"
+            ax.plot([r["step"] for r in va], [r[key] for r in va], style, label=label)
     for r in tr:
         if tr.index(r) and r["bank"] != tr[tr.index(r) - 1]["bank"]:
             ax.axvline(r["step"], color="grey", lw=0.5)

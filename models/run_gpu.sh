@@ -100,7 +100,7 @@ eval)
         --out $OUT/eval.json
     ;;
 rung1)
-    run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train 6000
+    run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train ${RUNG1_N:-6000}
     # RUNG1_FROM=DIR continues from a checkpoint (same data: the generator is seeded).
     R=/tmp/rung1${RUNG1_FROM:+b}
     run python3 -m knowstream.models.train $MAC_ARGS --squad=/tmp/synth/facts.jsonl \
