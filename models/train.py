@@ -27,6 +27,12 @@ other passages of the same batch (in-batch distractors), growing along
 max(step / max_steps, elapsed / max_minutes): the curriculum and the learning
 rate schedule fit a wall-clock budget.
 
+``mac+rag`` questions (``rag_frac``): the student also has ``rag_k`` passages in its
+prompt, its own and others of the same article (``article_group`` puts them in the
+batch), and their entries are its bank, as ``mac+rag@k`` serves them. With the own
+passage in the prompt the entry has nothing to add; ``rag_miss`` swaps it for another
+passage in part of them, so that only the own entry holds the answer.
+
 Validation (the split's validation articles; eval articles are never read):
 student answer NLL with the gold entry alone and with a wrong passage's entry
 (the control), and the teacher's (task prompt + passage) answer NLL. The
@@ -42,9 +48,10 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +108,7 @@ class TrainConfig:
     task_weight: float = 1.0  # teacher NLL of gold answers (trains the task prompt)
     rag_frac: float = 0.0  # fraction of student questions asked with passages in the prompt
     rag_k: int = 1  # passages in such a prompt: its own + rag_k - 1 of the same article (mac+rag@k)
+    rag_miss: float = 0.0  # of those, the fraction whose own passage is left out of the prompt
     article_group: int = 1  # a batch's passages come in groups of this many per article
     kd_focus: float = 0.0  # 0..1: weight KD tokens by what the passage changes (see kd_weights)
     freeze_task: bool = False  # keep the task prompt as loaded (--init_from): a fixed teacher
@@ -166,6 +174,14 @@ def mac_nll(mac, lm, encoder, tokenizer, questions, prompts, answers, bank, bank
 # ----------------------------------------------------------------------------- data
 
 
+class Context(NamedTuple):
+    """A question's passages (indices into its batch's or split's passages): those in its
+    prompt and those whose entries are its bank."""
+
+    prompt: list[int]
+    bank: list[int]
+
+
 class Batches:
     """Random batches of distinct passages with ``q_per_doc`` questions each; with
     ``article_group`` > 1, in groups of passages of one article (the hard negatives
@@ -173,7 +189,8 @@ class Batches:
 
     def __init__(self, records: list[QA], tokenizer, cfg: TrainConfig) -> None:
         self.rng = random.Random(cfg.seed)
-        self.rag_frac, self.rag_k, self.group = cfg.rag_frac, cfg.rag_k, cfg.article_group
+        self.rag_frac, self.rag_k, self.rag_miss = cfg.rag_frac, cfg.rag_k, cfg.rag_miss
+        self.group = cfg.article_group
         self.tokenizer = tokenizer
         by_doc: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(records):
@@ -190,12 +207,14 @@ class Batches:
         )
         self.answers = answer_ids(tokenizer, [r.answers[0] for r in records], cfg.max_answer_tokens)
 
-    def student_contexts(self, owner: list[int], titles: list[str]) -> list[list[int] | None]:
+    def student_contexts(self, owner: list[int], titles: list[str]) -> list[Context | None]:
         """For each question (its passage ``owner[q]`` of the batch): None (question
-        alone), or with probability ``rag_frac`` the batch passages in its prompt, as
-        ``mac+rag@k`` serves them: its own and ``rag_k - 1`` others of the same article
-        when the batch has them (else any others), in random order."""
-        out: list[list[int] | None] = []
+        alone), or with probability ``rag_frac`` passages in its prompt, as ``mac+rag@k``
+        serves them: its own and ``rag_k - 1`` others of the same article when the batch
+        has them (else any others), in random order, their entries the bank. With
+        probability ``rag_miss`` the own passage is then swapped in the prompt for another
+        (a retrieval miss at chunk level): its entry alone holds the answer."""
+        out: list[Context | None] = []
         for o in owner:
             if not (self.rag_frac and self.rng.random() < self.rag_frac):
                 out.append(None)
@@ -204,21 +223,28 @@ class Batches:
             rest = [d for d in range(len(titles)) if d != o and titles[d] != titles[o]]
             self.rng.shuffle(same)
             self.rng.shuffle(rest)
-            docs = [o, *(same + rest)[: self.rag_k - 1]]
+            others = same + rest
+            docs = [o, *others[: self.rag_k - 1]]
             self.rng.shuffle(docs)
-            out.append(docs)
+            prompt = docs
+            if self.rag_miss and self.rng.random() < self.rag_miss:
+                spare = others[self.rag_k - 1 : self.rag_k]
+                prompt = [x for d in docs for x in (spare if d == o else [d])]
+            out.append(Context(prompt, docs))
         return out
 
-    def student_prompts(self, flat: list[int], contexts, texts: list[str]) -> list[list[int]]:
+    def student_prompts(
+        self, flat: list[int], contexts: Sequence[Context | None], texts: list[str]
+    ) -> list[list[int]]:
         """The student's prompt of each question: the question alone, or its passages."""
         prompts: list[list[int]] = []
-        for i, docs in zip(flat, contexts, strict=True):
-            if docs is None:
+        for i, c in zip(flat, contexts, strict=True):
+            if c is None:
                 prompts.append(self.prompts[i])
-            elif len(docs) == 1:  # its own passage: the teacher's prompt
-                prompts.append(self.passage_prompts[i])
+            elif [texts[d] for d in c.prompt] == [self.records[i].text]:
+                prompts.append(self.passage_prompts[i])  # its own passage: the teacher's prompt
             else:
-                joined = "\n\n".join(texts[d] for d in docs)
+                joined = "\n\n".join(texts[d] for d in c.prompt)
                 content = passage_prompt(joined, self.records[i].question)
                 prompts += chat_prompts(self.tokenizer, [content])
         return prompts
@@ -262,13 +288,15 @@ def bank_for(entries: Tensor, owner: list[int], size: int, shift: int = 0) -> Te
     return entries[idx.to(entries.device)]
 
 
-def mixed_bank(entries: Tensor, owner: list[int], size: int, contexts) -> tuple[Tensor, Tensor]:
-    """(B_q, N, T, d) + mask (B_q, N): ``bank_for``'s bank for a question alone, the
-    entries of its prompt's passages (in prompt order) for a question with passages."""
+def mixed_bank(
+    entries: Tensor, owner: list[int], size: int, contexts: Sequence[Context | None]
+) -> tuple[Tensor, Tensor]:
+    """(B_q, N, T, d) + mask (B_q, N): ``bank_for``'s bank for a question alone, its
+    context's bank (in order) for a question with passages."""
     n = entries.shape[0]
     rows = [
-        [(o + j) % n for j in range(min(size, n))] if docs is None else docs
-        for o, docs in zip(owner, contexts, strict=True)
+        [(o + j) % n for j in range(min(size, n))] if c is None else c.bank
+        for o, c in zip(owner, contexts, strict=True)
     ]
     N = max(len(r) for r in rows)
     idx = torch.tensor([r + [0] * (N - len(r)) for r in rows], device=entries.device)
@@ -349,29 +377,42 @@ def kd_weights(teacher: Tensor, closed_book: Tensor, focus: float) -> Tensor:
 # ----------------------------------------------------------------------------- loop
 
 
-def val_rag_docs(val: Batches, gold: int, n: int, k: int) -> list[int]:
+def val_context(val: Batches, gold: int, n: int, k: int, miss: bool) -> Context:
     """A fixed mac+rag@k context of validation passage ``gold``: it and the next k - 1
-    passages of its article, with the gold passage at position ``n % k``."""
+    passages of its article, the gold one at position ``n % k``; with ``miss``, the
+    article's k-th next passage takes the gold one's place in the prompt (or none does)."""
     same = val.by_title[val.records[val.docs[gold][1][0]].title]
     at = same.index(gold)
-    others = [same[(at + j) % len(same)] for j in range(1, min(k, len(same)))]
-    docs = others[:]
-    docs.insert(n % (len(others) + 1), gold)
-    return docs
+    following = [same[(at + j) % len(same)] for j in range(1, len(same))]
+    docs = following[: k - 1]
+    docs.insert(n % (len(docs) + 1), gold)
+    prompt = docs
+    if miss:
+        spare = following[k - 1 : k]
+        prompt = [x for d in docs for x in (spare if d == gold else [d])]
+    return Context(prompt, docs)
 
 
 @torch.no_grad()
 def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -> dict:
     """Mean answer NLL on validation questions: the student with the gold entry
-    alone and with a wrong passage's entry (the next passage in a fixed order: the
+    alone and with a wrong passage's entry (another article's, as a rule: the
     control), and the teacher (task prompt + passage); and the KD loss of each. When
     training asks questions with ``rag_k`` > 1 passages in the prompt: also with such a
-    prompt (``val_rag_docs``) and their own entries (``rag_gold``) or wrong ones."""
+    prompt (``val_context``) and their own entries (``rag_gold``) or wrong ones
+    (``rag_wrong``); with ``rag_miss``, the same with the gold passage out of the prompt
+    (``miss_gold``, ``miss_wrong``)."""
     mac.eval()
-    doc_ids = [d for d, _ in val.docs]
-    doc_index = {d: i for i, d in enumerate(doc_ids)}
     texts = [val.records[qs[0]].text for _, qs in val.docs]
-    with_rag = cfg.train_mac and cfg.rag_frac > 0 and cfg.rag_k > 1
+    doc_index = {d: i for i, (d, _) in enumerate(val.docs)}
+    shift = len(val.docs) // 2
+
+    def wrong(bank: list[int]) -> list[int]:
+        return [(d + shift) % len(val.docs) for d in bank]
+
+    settings = []
+    if cfg.train_mac and cfg.rag_frac > 0 and cfg.rag_k > 1:
+        settings = [("rag", False)] + [("miss", True)] * (cfg.rag_miss > 0)
     qs = list(range(len(val.records)))
     if cfg.val_max:
         qs = qs[: cfg.val_max]
@@ -389,32 +430,29 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
             if not cfg.train_mac:
                 continue
             gold = [doc_index[val.records[i].doc_id] for i in idx]
-            rag = (
-                [val_rag_docs(val, g, n, cfg.rag_k) for n, g in enumerate(gold)] if with_rag else []
-            )
-            shift = len(doc_ids) // 2  # a wrong passage: another article's, as a rule
-            wrong = [
-                [(d + shift) % len(doc_ids) for d in docs] for docs in [[g] for g in gold] + rag
+            alone: list[Context | None] = [None] * len(idx)
+            runs = [
+                ("gold", alone, [[g] for g in gold]),
+                ("wrong", alone, [wrong([g]) for g in gold]),
             ]
-            used = sorted(
-                {d for docs in wrong for d in docs} | {d for docs in rag for d in docs} | set(gold)
-            )
+            for name, miss in settings:
+                cs: list[Context | None] = [
+                    val_context(val, g, start + n, cfg.rag_k, miss) for n, g in enumerate(gold)
+                ]
+                banks = [c.bank for c in cs if c is not None]
+                runs += [
+                    (f"{name}_gold", cs, banks),
+                    (f"{name}_wrong", cs, [wrong(b) for b in banks]),
+                ]
+            used = sorted({d for _, _, banks in runs for b in banks for d in b})
             pos = {d: k for k, d in enumerate(used)}
             entries = mac.amortizer.amortize_texts(encoder, [texts[d] for d in used])
             questions = [val.records[i].question for i in idx]
-            alone: list[list[int] | None] = [None] * len(idx)
-            with_passages: list[list[int] | None] = [*rag]
-            runs = [("gold", [[g] for g in gold], alone), ("wrong", wrong[: len(idx)], alone)]
-            if with_rag:  # the same passages in the prompt; their own entries or wrong ones
-                runs += [
-                    ("rag_gold", rag, with_passages),
-                    ("rag_wrong", wrong[len(idx) :], with_passages),
-                ]
-            for name, docs, in_prompt in runs:
-                rows_ = [[pos[d] for d in ds] for ds in docs]
-                bank, mask = mixed_bank(entries, [0] * len(idx), 1, rows_)
+            for name, contexts, banks in runs:
+                in_bank = [Context([], [pos[d] for d in b]) for b in banks]
+                bank, mask = mixed_bank(entries, [0] * len(idx), 1, in_bank)
                 cache = mac_cache(mac, lm, encoder, questions, bank, mask)
-                prompts = val.student_prompts(idx, in_prompt, texts)
+                prompts = val.student_prompts(idx, contexts, texts)
                 s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
                 tok = F.cross_entropy(s_logits, target, reduction="none")
                 totals[name] += float(per_question(tok, rows, len(idx)).sum())

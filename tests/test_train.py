@@ -357,18 +357,35 @@ def test_mac_rag_prompts_hold_own_passage_and_same_article_neighbours(tokenizer)
     texts, titles, owner, flat = data.sample(6, 2)
     assert len(set(titles)) == 2 and all(titles.count(t) == 3 for t in titles)
     contexts = data.student_contexts(owner, titles)
-    for o, docs in zip(owner, contexts, strict=True):
-        assert o in docs and len(set(docs)) == 3 and {titles[d] for d in docs} == {titles[o]}
+    for o, c in zip(owner, contexts, strict=True):
+        assert c is not None and c.prompt == c.bank and o in c.bank and len(set(c.bank)) == 3
+        assert {titles[d] for d in c.bank} == {titles[o]}
     prompts = data.student_prompts(flat, contexts, texts)
     decoded = [tokenizer.decode(p) for p in prompts]
-    for text, docs, i in zip(decoded, contexts, flat, strict=True):
-        assert all(texts[d] in text for d in docs) and records[i].question in text
-    # The bank of a question with passages is their entries, in prompt order; a question
+    for text, c, i in zip(decoded, contexts, flat, strict=True):
+        assert c is not None and all(texts[d] in text for d in c.prompt)
+        assert records[i].question in text
+    # The bank of a question with passages is its context's, in order; a question
     # alone gets the gold entry and its in-batch distractors, padding masked.
     entries = torch.arange(6.0)[:, None, None].expand(6, 2, 3)
-    bank, mask = train_mod.mixed_bank(entries, [0, 4], 2, [None, [5, 4, 3]])
+    with_passages = train_mod.Context([5, 4, 3], [5, 4, 3])
+    bank, mask = train_mod.mixed_bank(entries, [0, 4], 2, [None, with_passages])
     assert bank[:, :, 0, 0].tolist() == [[0, 1, 0], [5, 4, 3]]
     assert mask.tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_a_retrieval_miss_leaves_the_own_passage_out_of_the_prompt_not_the_bank(tokenizer):
+    records = load_qa(SAMPLE)
+    cfg = tiny_config(rag_frac=1.0, rag_k=3, rag_miss=1.0, article_group=4)
+    data = train_mod.Batches(records, tokenizer, cfg)
+    texts, titles, owner, flat = data.sample(8, 2)
+    contexts = data.student_contexts(owner, titles)
+    prompts = data.student_prompts(flat, contexts, texts)
+    for o, c, p, i in zip(owner, contexts, prompts, flat, strict=True):
+        assert c is not None and o in c.bank and o not in c.prompt
+        # Its place in the prompt goes to a fourth passage of the same article.
+        assert len(c.prompt) == 3 and {titles[d] for d in c.prompt} == {titles[o]}
+        assert texts[o] not in tokenizer.decode(p) and records[i].question in tokenizer.decode(p)
 
 
 def test_mac_rag_training_validates_own_against_wrong_entries_with_passages(tokenizer):
@@ -377,12 +394,15 @@ def test_mac_rag_training_validates_own_against_wrong_entries_with_passages(toke
     train_recs = [r for r in records if r.title in ("Oxygen", "Black_Death")][:24]
     val_recs = [r for r in records if r.title == "Prime_number"][:12]
     cfg = tiny_config(
-        max_steps=3, eval_every=3, rag_frac=0.5, rag_k=3, article_group=3, select="gold+rag_gold"
-    )
+        max_steps=3, eval_every=3, rag_frac=0.5, rag_k=3, rag_miss=0.5, article_group=3,
+        select="gold+rag_gold",
+    )  # fmt: skip
     m = train_mod.train(mac, lm, tokenizer, load_encoder(), train_recs, val_recs, None, cfg, print)
     v = m["val"][-1]
-    assert {"rag_gold", "rag_wrong", "kd_rag_gold", "kd_rag_wrong"} <= set(v)
-    assert all(np.isfinite(v[k]) for k in ("gold", "wrong", "rag_gold", "rag_wrong"))
+    losses = ("gold", "wrong", "rag_gold", "rag_wrong", "miss_gold", "miss_wrong")
+    assert {f"kd_{k}" for k in losses} <= set(v)
+    assert all(np.isfinite(v[k]) for k in losses)
     assert v["select"] == pytest.approx(v["gold"] + v["rag_gold"])
-    # Own entries and wrong ones give different losses: the control really swaps entries.
-    assert v["rag_gold"] != v["rag_wrong"]
+    # Own entries and wrong ones give different losses: the control really swaps entries;
+    # and leaving the gold passage out of the prompt changes the loss too.
+    assert v["rag_gold"] != v["rag_wrong"] and v["miss_gold"] != v["rag_gold"]
