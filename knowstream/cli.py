@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer._click.core import Context as ClickContext  # typer vendors its click
@@ -87,11 +88,39 @@ def main(
         }.items()
         if v is not None
     }
-    ctx.obj = Settings(**overrides)
+    try:
+        ctx.obj = Settings(**overrides)
+    except ValidationError as e:
+        raise BadInput(_invalid_settings(e)) from None
     ctx.call_on_close(_close_stores)
     from knowstream import logs
 
     logs.setup(ctx.obj)
+
+
+def _invalid_settings(e: ValidationError) -> str:
+    """'invalid setting NAME [KNOWSTREAM_NAME]: why', for each invalid setting."""
+    parts = []
+    for err in e.errors():
+        name = ".".join(str(x) for x in err["loc"])
+        why = err["msg"].removeprefix("Value error, ")
+        parts.append(f"invalid setting {name} [KNOWSTREAM_{name.upper()}]: {why}")
+    return "; ".join(parts)
+
+
+def _amortizer_option(spec: str | None) -> str | None:
+    """``--amortizer``: a named spec, a registry version, a URL, or a checkpoint folder
+    that exists here."""
+    from knowstream.models.inference import is_registry_spec
+
+    if spec is None or spec in ("bundled", "init") or is_registry_spec(spec) or "://" in spec:
+        return spec
+    if not (Path(spec) / "config.json").is_file():
+        raise BadInput(
+            f"--amortizer {spec!r}: no checkpoint folder there (config.json, model.safetensors); "
+            "or give bundled, init, registry or models:/NAME@ALIAS"
+        )
+    return str(Path(spec).resolve())
 
 
 def _close_stores() -> None:
@@ -378,7 +407,7 @@ def backfill(
         "end_ts_ms": _ms("--to-time", to_time),
         "archive": str(archive.resolve()) if archive else None,
         "base": base,
-        "amortizer": amortizer,
+        "amortizer": _amortizer_option(amortizer),
         "promote": promote,
     }
     if archive is None:
@@ -503,7 +532,7 @@ def deploy(
         one_at_a_time = s.qdrant_url is None  # embedded stores: one process
         parameters = {
             "base": base,
-            "amortizer": amortizer,
+            "amortizer": _amortizer_option(amortizer),
             "promote": promote,
             "settings": settings_parameter(s),
         }
@@ -512,7 +541,8 @@ def deploy(
         return
     if cron is None:
         raise BadInput("deploy needs --cron (served from here), --pool, or both")
-    serve(backfill_deployment(cron, settings=s, base=base, amortizer=amortizer, promote=promote))
+    spec = _amortizer_option(amortizer)
+    serve(backfill_deployment(cron, settings=s, base=base, amortizer=spec, promote=promote))
 
 
 @app.command()

@@ -48,10 +48,21 @@ def one_line_failure(result: subprocess.CompletedProcess, *expected: str) -> str
         (["backfill", "--from-time", "yesterday"], ["'yesterday' is not an ISO-8601 time"]),
         (["ask", "--k", "-1", "Who won?"], ["--k -1", "at least 1"]),
         (["produce", "missing.jsonl"], ["no file missing.jsonl", "JSONL or Parquet"]),
+        (["backfill", "--amortizer", "no-such-ckpt"], ["'no-such-ckpt': no checkpoint", "bundled"]),
     ],
 )
 def test_bad_input_fails_in_one_line(tmp_path, args, expected):
     one_line_failure(knowstream(tmp_path / "home", *args), *expected)
+
+
+def test_an_invalid_setting_names_itself_and_its_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNOWSTREAM_AMORTIZER", "models:/a/b/c")
+    line = one_line_failure(
+        knowstream(tmp_path / "home", "snapshots"),
+        "invalid setting amortizer [KNOWSTREAM_AMORTIZER]",
+        "models:/NAME@ALIAS",
+    )
+    assert "unexpected" not in line
 
 
 def test_status_with_the_broker_down_says_so_in_one_line(tmp_path):
