@@ -118,7 +118,7 @@ class TrainConfig:
     log_every: int = 20  # steps between training-loss records
     val_max: int = 0  # validation questions per pass; 0 = all
     val_batch: int = 64  # questions per validation forward
-    select: str = "gold"  # validation losses picking the best, "+"-summed: gold, teacher, rag_gold
+    select: str = "gold"  # validation losses picking the best, "+"-summed: gold, rag_gold, ...
     seed: int = 0  # data order and distractors
     init_from: str = ""  # checkpoint folder to continue from ("" = fresh seeded weights)
     # --- MACConfig fields (the rest keep MACConfig's defaults: SmolLM2-135M + MiniLM) ---
@@ -255,8 +255,8 @@ class Batches:
         if not titles:
             return self.rng.sample(self.docs, min(n_docs, len(self.docs)))
         n_art = min(len(titles), -(-n_docs // self.group))
-        picked = [j for t in self.rng.sample(titles, n_art) for j in
-                  self.rng.sample(self.by_title[t], self.group)]  # fmt: skip
+        articles = self.rng.sample(titles, n_art)
+        picked = [j for t in articles for j in self.rng.sample(self.by_title[t], self.group)]
         return [self.docs[j] for j in picked[:n_docs]]
 
     def sample(self, n_docs: int, q_per_doc: int):
@@ -410,9 +410,9 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
     def wrong(bank: list[int]) -> list[int]:
         return [(d + shift) % len(val.docs) for d in bank]
 
-    settings = []
+    with_passages = []
     if cfg.train_mac and cfg.rag_frac > 0 and cfg.rag_k > 1:
-        settings = [("rag", False)] + [("miss", True)] * (cfg.rag_miss > 0)
+        with_passages = [("rag", False)] + [("miss", True)] * (cfg.rag_miss > 0)
     qs = list(range(len(val.records)))
     if cfg.val_max:
         qs = qs[: cfg.val_max]
@@ -435,9 +435,9 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
                 ("gold", alone, [[g] for g in gold]),
                 ("wrong", alone, [wrong([g]) for g in gold]),
             ]
-            for name, miss in settings:
+            for name, miss in with_passages:
                 cs: list[Context | None] = [
-                    val_context(val, g, start + n, cfg.rag_k, miss) for n, g in enumerate(gold)
+                    val_context(val, g, n, cfg.rag_k, miss) for n, g in enumerate(gold)
                 ]
                 banks = [c.bank for c in cs if c is not None]
                 runs += [
