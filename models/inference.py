@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from knowstream.models.build_lock import BUILD_LOCK
 from knowstream.models.encoder import TextEncoder
 from knowstream.models.lm import gguf_path, load_lm
 from knowstream.models.mac import MAC, MACConfig
@@ -166,11 +167,14 @@ def load_models(dev: str, lm_cache_dir: str = "", amp_dtype: str = "bfloat16", e
         )
     except AttributeError:  # another transformers version than the cache writer knows
         g = gguf_path()
-        lm = AutoModelForCausalLM.from_pretrained(
-            g.parent, gguf_file=g.name, dtype=dtype, local_files_only=True
-        )
+        with BUILD_LOCK:
+            lm = AutoModelForCausalLM.from_pretrained(
+                g.parent, gguf_file=g.name, dtype=dtype, local_files_only=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                g.parent, gguf_file=g.name, local_files_only=True
+            )
         lm = lm.to(dev).eval().requires_grad_(False)  # type: ignore[arg-type]  # wrapped .to()
-        tokenizer = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name, local_files_only=True)
     if not encoder:
         return lm, tokenizer, None
     enc = TextEncoder(dev)
@@ -215,10 +219,11 @@ def load_amortizer(spec: str, device: str = "cpu", dtype: str = "float32") -> MA
             f"amortizer spec {spec!r} names a registry version: resolve it to a checkpoint "
             "folder first (knowstream.connectors.mlflow._registry.resolve_amortizer)"
         )
-    if spec == "init":
-        mac = MAC.init(MACConfig())
-    else:
-        mac = MAC.load(bundled_checkpoint() if spec == "bundled" else Path(spec))
+    with BUILD_LOCK:  # layers draw their initial weights from torch.nn.init (build_lock.py)
+        if spec == "init":
+            mac = MAC.init(MACConfig())
+        else:
+            mac = MAC.load(bundled_checkpoint() if spec == "bundled" else Path(spec))
     if device != "cpu" or dtype != "float32":
         # Its own cache entry: the float32 CPU model stays as it is for its other users
         # (model versions, serving).

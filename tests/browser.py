@@ -70,7 +70,10 @@ class _Session:
 
 def check_page(url: str, screenshot: Path | None = None, width: int = 1100) -> PageCheck:
     """Open ``url`` in headless Chromium; optionally save a full-page PNG screenshot."""
-    with tempfile.TemporaryDirectory(prefix="knowstream-chromium-") as profile:
+    # Chromium's helper processes can still write to the profile after the browser exits.
+    with tempfile.TemporaryDirectory(
+        prefix="knowstream-chromium-", ignore_cleanup_errors=True
+    ) as profile:
         proc = subprocess.Popen(
             [
                 chromium(),
