@@ -182,6 +182,12 @@ class Context(NamedTuple):
     bank: list[int]
 
 
+def swapped_out(docs: list[int], own: int, spare: list[int]) -> list[int]:
+    """The prompt of a retrieval miss: ``docs`` with ``spare`` (one passage, or none) in
+    ``own``'s place."""
+    return [x for d in docs for x in (spare if d == own else [d])]
+
+
 class Batches:
     """Random batches of distinct passages with ``q_per_doc`` questions each; with
     ``article_group`` > 1, in groups of passages of one article (the hard negatives
@@ -228,8 +234,7 @@ class Batches:
             self.rng.shuffle(docs)
             prompt = docs
             if self.rag_miss and self.rng.random() < self.rag_miss:
-                spare = others[self.rag_k - 1 : self.rag_k]
-                prompt = [x for d in docs for x in (spare if d == o else [d])]
+                prompt = swapped_out(docs, o, others[self.rag_k - 1 : self.rag_k])
             out.append(Context(prompt, docs))
         return out
 
@@ -279,29 +284,27 @@ class Batches:
         return texts, titles, owner, flat
 
 
-def bank_for(entries: Tensor, owner: list[int], size: int, shift: int = 0) -> Tensor:
-    """(B_q, size, T, d): the gold entry (offset by ``shift`` passages: 0 = gold,
-    else a wrong passage) followed by the next ``size - 1`` passages of the batch."""
-    n = entries.shape[0]
-    size = min(size, n)
-    idx = torch.tensor([[(o + shift + j) % n for j in range(size)] for o in owner])
-    return entries[idx.to(entries.device)]
+def padded_bank(entries: Tensor, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """(B_q, N, T, d) + mask (B_q, N): each question's entries ``rows`` (indices into
+    ``entries``), padded to the longest."""
+    N = max(len(r) for r in rows)
+    idx = torch.tensor([r + [0] * (N - len(r)) for r in rows], device=entries.device)
+    mask = torch.tensor([[j < len(r) for j in range(N)] for r in rows], device=entries.device)
+    return entries[idx], mask
 
 
 def mixed_bank(
     entries: Tensor, owner: list[int], size: int, contexts: Sequence[Context | None]
 ) -> tuple[Tensor, Tensor]:
-    """(B_q, N, T, d) + mask (B_q, N): ``bank_for``'s bank for a question alone, its
-    context's bank (in order) for a question with passages."""
+    """The banks of a batch's questions: for a question alone, its passage's entry followed
+    by the next ``size - 1`` passages' of the batch (in-batch distractors); for a question
+    with passages, its context's bank, in order."""
     n = entries.shape[0]
     rows = [
         [(o + j) % n for j in range(min(size, n))] if c is None else c.bank
         for o, c in zip(owner, contexts, strict=True)
     ]
-    N = max(len(r) for r in rows)
-    idx = torch.tensor([r + [0] * (N - len(r)) for r in rows], device=entries.device)
-    mask = torch.tensor([[j < len(r) for j in range(N)] for r in rows], device=entries.device)
-    return entries[idx], mask
+    return padded_bank(entries, rows)
 
 
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -386,10 +389,7 @@ def val_context(val: Batches, gold: int, n: int, k: int, miss: bool) -> Context:
     following = [same[(at + j) % len(same)] for j in range(1, len(same))]
     docs = following[: k - 1]
     docs.insert(n % (len(docs) + 1), gold)
-    prompt = docs
-    if miss:
-        spare = following[k - 1 : k]
-        prompt = [x for d in docs for x in (spare if d == gold else [d])]
+    prompt = swapped_out(docs, gold, following[k - 1 : k]) if miss else docs
     return Context(prompt, docs)
 
 
@@ -430,16 +430,14 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
             if not cfg.train_mac:
                 continue
             gold = [doc_index[val.records[i].doc_id] for i in idx]
-            alone: list[Context | None] = [None] * len(idx)
-            runs = [
+            alone = [None] * len(idx)
+            runs: list[tuple[str, Sequence[Context | None], list[list[int]]]] = [
                 ("gold", alone, [[g] for g in gold]),
                 ("wrong", alone, [wrong([g]) for g in gold]),
             ]
             for name, miss in with_passages:
-                cs: list[Context | None] = [
-                    val_context(val, g, n, cfg.rag_k, miss) for n, g in enumerate(gold)
-                ]
-                banks = [c.bank for c in cs if c is not None]
+                cs = [val_context(val, g, n, cfg.rag_k, miss) for n, g in enumerate(gold)]
+                banks = [c.bank for c in cs]
                 runs += [
                     (f"{name}_gold", cs, banks),
                     (f"{name}_wrong", cs, [wrong(b) for b in banks]),
@@ -449,8 +447,7 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
             entries = mac.amortizer.amortize_texts(encoder, [texts[d] for d in used])
             questions = [val.records[i].question for i in idx]
             for name, contexts, banks in runs:
-                in_bank = [Context([], [pos[d] for d in b]) for b in banks]
-                bank, mask = mixed_bank(entries, [0] * len(idx), 1, in_bank)
+                bank, mask = padded_bank(entries, [[pos[d] for d in b] for b in banks])
                 cache = mac_cache(mac, lm, encoder, questions, bank, mask)
                 prompts = val.student_prompts(idx, contexts, texts)
                 s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)

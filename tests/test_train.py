@@ -181,10 +181,8 @@ def test_overrides_parse_to_the_field_types():
 
 def test_bank_puts_gold_first_and_distractors_from_the_batch():
     entries = torch.arange(5.0)[:, None, None].expand(5, 1, 1)
-    bank = train_mod.bank_for(entries, owner=[0, 0, 3], size=3)
-    assert bank[:, :, 0, 0].tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 0]]
-    wrong = train_mod.bank_for(entries, owner=[0, 3], size=1, shift=2)
-    assert wrong[:, 0, 0, 0].tolist() == [2, 0]
+    bank, mask = train_mod.mixed_bank(entries, owner=[0, 0, 3], size=3, contexts=[None] * 3)
+    assert bank[:, :, 0, 0].tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 0]] and mask.all()
 
 
 def test_curriculum_grows_the_bank():
