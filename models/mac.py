@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -417,6 +418,9 @@ class LMAmortizer(nn.Module):
         # The scale of the LM's token embeddings (std 0.136): the LM reads these like tokens.
         self.memory = nn.Parameter(torch.randn(c.mem_len, c.d_lm) * 0.136)
         self.lora = LMLoRA(c)
+        # A read puts LoRA-merged weights into the LM for its pass (functional_call): one
+        # read at a time, so threads sharing this amortizer (serve --ingest) each get theirs.
+        self.reading = threading.Lock()
 
     def bind_lm(self, lm: nn.Module, tokenizer) -> None:
         """Read with this (frozen) LM; kept out of the module tree, so it is neither saved
@@ -440,6 +444,10 @@ class LMAmortizer(nn.Module):
 
     def read(self, ids: list[list[int]]) -> Tensor:
         """Token ids of b documents -> their memory key/values (b, 2 * L * mem_len, kv_width)."""
+        with self.reading:
+            return self._read(ids)
+
+    def _read(self, ids: list[list[int]]) -> Tensor:
         c, m = self.c, self.c.mem_len
         lm, tokenizer = self.frozen_lm()
         dev = self.memory.device

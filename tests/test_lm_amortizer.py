@@ -3,6 +3,7 @@ tokens' key/values are the entry, and ``EntrySelector`` weighs entries by MiniLM
 Real models on CPU, short texts; the LM loads once for the module."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -95,6 +96,26 @@ def test_a_padded_lm_pass_reads_each_document_as_alone(trained, lm):
     alone = torch.cat([trained.amortizer.read([x]) for x in ids])
     assert torch.isfinite(batched).all()
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_threads_reading_with_one_amortizer_get_the_entries_of_reading_alone(trained, encoder):
+    # A read swaps LoRA-merged weights into the shared LM; two at once must not mix.
+    with torch.no_grad():
+        alone = [trained.amortizer.amortize_texts(encoder, [t]) for t in TEXTS if t]
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def read(k: int) -> None:
+        with torch.no_grad():
+            got[k] = [trained.amortizer.amortize_texts(encoder, [t]) for t in TEXTS if t] * 3
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for entries in got.values():
+        for entry, expected in zip(entries, alone * 3, strict=True):
+            assert torch.equal(entry, expected)
 
 
 @torch.no_grad()

@@ -113,10 +113,7 @@ class LoadedAmortizer:
 
     def __init__(self, spec: str, device: str, dtype: str, window_batch: int) -> None:
         self.encoder = load_stage_encoder(device, dtype)
-        # Its own copy, not the process-wide cached one: an "lm" reader puts LoRA-merged
-        # weights into its frozen LM while it reads (functional_call), so two pipelines of
-        # one process (ingest workers, serve --ingest) must not read with the same LM.
-        self.mac = load_amortizer.__wrapped__(spec, device, dtype)
+        self.mac = load_amortizer(spec, device, dtype)
         self.version = amortizer_version(spec)  # a hash over the weights: compute once
         self.window_batch = window_batch
 
