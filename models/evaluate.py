@@ -59,7 +59,7 @@ from knowstream.models.inference import (
 )
 from knowstream.models.mac import MAC
 from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
-from knowstream.models.retrieve import load_retrieval, ranked_hits, retrieve
+from knowstream.models.retrieve import coverage, load_retrieval, ranked_hits, retrieve, top_docs
 
 BASE_MODES = (
     "closed_book",
@@ -209,11 +209,6 @@ class Context:
         return bank, mask
 
 
-def top_docs(hits: list[tuple[str, str]], k: int) -> list[str]:
-    """The first ``k`` distinct documents among ranked chunk hits."""
-    return list(dict.fromkeys(doc for doc, _ in hits))[:k]
-
-
 @torch.no_grad()
 def run_mode(
     mode: str, records: list[QA], ctx: Context, max_new_tokens: int, allowed: set[str] | None = None
@@ -335,11 +330,13 @@ def evaluate(
     retrieval: str | Path | None = None,
     retention_modes: tuple[str, ...] | list[str] = (),
     on_batch: Callable[[str, int, int], None] | None = None,
+    keep_predictions: bool = False,
 ) -> dict:
     """EM/F1 (percent) with 95% bootstrap intervals for each mode on the questions
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
     ``models`` may pass preloaded ``(lm, tokenizer, encoder)``; ``retrieval`` is a
-    file of ``models/retrieve.py`` for the @k modes (computed here when not given)."""
+    file of ``models/retrieve.py`` for the @k modes (computed here when not given).
+    ``keep_predictions`` adds every answer: ``predictions[mode][question_id]``."""
     for mode in [*modes, *retention_modes]:
         parse_mode(mode)  # fail before loading anything
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -378,6 +375,7 @@ def evaluate(
             f"@{k}": float(np.mean([r.doc_id in top_docs(hits[r.question_id], k) for r in records]))
             for k in (1, 3, 5, 10)
         }
+        result["retrieval_coverage"] = {f"@{k}": coverage(records, hits, k) for k in (1, 3, 5)}
     per_q = {}
     for mode in modes:
         t0 = time.time()
@@ -388,6 +386,9 @@ def evaluate(
             {"q": r.question, "gold": r.answers[0], "pred": p}
             for p, r in zip(preds[:5], records[:5], strict=True)
         ]
+        if keep_predictions:
+            preds_by_id = {r.question_id: p for p, r in zip(preds, records, strict=True)}
+            result.setdefault("predictions", {})[mode] = preds_by_id
         _log(f"{mode:18s} F1 {result['rows'][mode]['f1']:6.2f}  ({time.time() - t0:.0f} s)")
     result["paired_f1"] = comparisons(per_q, seed)
     if retention_modes:
@@ -413,6 +414,7 @@ def main() -> None:
     p.add_argument("--retrieval", default=None, help="file of models/retrieve.py (@k modes)")
     p.add_argument("--retention-modes", default="", help=f"e.g. {','.join(RETENTION_MODES)}")
     p.add_argument("--out", default=None, help="write the result JSON here")
+    p.add_argument("--predictions", action="store_true", help="keep every answer in --out")
     a = p.parse_args()
     res = evaluate(
         a.data,
@@ -426,11 +428,14 @@ def main() -> None:
         a.batch_size,
         retrieval=a.retrieval,
         retention_modes=[m for m in a.retention_modes.split(",") if m],
+        keep_predictions=a.predictions,
     )
     text = json.dumps(res, indent=1)
     if a.out:
         Path(a.out).write_text(text)
-    print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
+    print(
+        json.dumps({k: v for k, v in res.items() if k not in ("examples", "predictions")}, indent=1)
+    )
 
 
 if __name__ == "__main__":

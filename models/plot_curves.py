@@ -29,10 +29,17 @@ def plot(metrics_path: str, out: str) -> None:
     ax.plot(
         [r["step"] for r in va], [r["wrong"] for r in va], "x--", label="validation, wrong entry"
     )
-    if va and "rag_gold" in va[0]:  # mac+rag training: the same with passages in the prompt
-        for key, style, what in (("rag_gold", "s-", "own"), ("rag_wrong", "+--", "wrong")):
-            label = f"validation, {what} entries, passages in the prompt"
-            ax.plot([r["step"] for r in va], [r[key] for r in va], style, label=label)
+    with_passages = (
+        ("rag_gold", "s-", "own entries, passages in the prompt"),
+        ("rag_wrong", "+--", "wrong entries, passages in the prompt"),
+        ("miss_gold", "d-", "own entries, own passage left out"),
+        ("miss_wrong", "1--", "wrong entries, own passage left out"),
+    )
+    for key, style, what in with_passages:  # mac+rag training, rag_miss
+        if va and key in va[0]:
+            ax.plot(
+                [r["step"] for r in va], [r[key] for r in va], style, label=f"validation, {what}"
+            )
     for r in tr:
         if tr.index(r) and r["bank"] != tr[tr.index(r) - 1]["bank"]:
             ax.axvline(r["step"], color="grey", lw=0.5)

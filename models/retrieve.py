@@ -15,6 +15,8 @@ carried along:
 
     {"top": 50, "chunks": [[doc_id, chunk_text], ...], "hits": {question_id: [chunk index,
      ...best first]}}
+
+The same command with ``--coverage`` reports an existing file's ``coverage`` at k = 1, 3, 5.
 """
 
 from __future__ import annotations
@@ -65,6 +67,27 @@ def load_retrieval(path: str | Path) -> dict[str, list[tuple[str, str]]]:
     return ranked_hits(json.loads(Path(path).read_text()))
 
 
+def top_docs(hits: list[tuple[str, str]], k: int) -> list[str]:
+    """The first ``k`` distinct documents among ranked chunk hits."""
+    return list(dict.fromkeys(doc for doc, _ in hits))[:k]
+
+
+def coverage(records: list[QA], hits: dict[str, list[tuple[str, str]]], k: int) -> dict:
+    """Fractions of questions whose top-k hits hold, as ``@k`` modes serve them: the gold
+    document among the bank's k documents (``gold_entry``), an answer string in the prompt's
+    k chunks (``answer_in_prompt``), and the first without the second (``entry_only``): the
+    only questions where the own entry can add an answer the prompt lacks."""
+    entry = np.array([r.doc_id in top_docs(hits[r.question_id], k) for r in records])
+    prompt = np.array(
+        [any(a in t for _, t in hits[r.question_id][:k] for a in r.answers) for r in records]
+    )
+    return {
+        "gold_entry": float(entry.mean()),
+        "answer_in_prompt": float(prompt.mean()),
+        "entry_only": float((entry & ~prompt).mean()),
+    }
+
+
 def retrieve_split(
     data: str | Path, split_file: str | Path, split: str, out: str | Path, top: int = TOP
 ) -> tuple[int, float]:
@@ -87,7 +110,18 @@ def main() -> None:
     p.add_argument("--split", default="eval", choices=["train", "validation", "eval"])
     p.add_argument("--top", type=int, default=TOP)
     p.add_argument("--out", required=True)
+    p.add_argument("--coverage", action="store_true", help="report the hits already in --out")
     a = p.parse_args()
+    if a.coverage:
+        records = select(load_qa(a.data), load_split(a.split_file)[a.split])
+        hits = load_retrieval(a.out)
+        records = [r for r in records if r.question_id in hits]
+        print(f"{len(records)} questions of {a.out}")
+        for k in (1, 3, 5):
+            print(
+                f"@{k}", json.dumps({m: round(v, 4) for m, v in coverage(records, hits, k).items()})
+            )
+        return
     n, hit1 = retrieve_split(a.data, a.split_file, a.split, a.out, a.top)
     print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f}")
 

@@ -17,7 +17,6 @@ from knowstream.models.evaluate import (
     normalize_answer,
     parse_mode,
     squad_scores,
-    top_docs,
     wrong_passages,
 )
 from knowstream.models.inference import chat_prompts, generate, prefix_cache
@@ -25,7 +24,7 @@ from knowstream.models.lm import _cache_is_valid, default_cache_dir, gguf_path
 from knowstream.models.mac import MAC, MACConfig
 from knowstream.models.objectives import kl_per_token
 from knowstream.models.qa_data import QA, load_qa, load_split, make_split, select
-from knowstream.models.retrieve import retrieve
+from knowstream.models.retrieve import coverage, retrieve, top_docs
 
 SAMPLE = "data/sample/questions.jsonl"
 
@@ -254,6 +253,19 @@ def test_retrieval_ranks_pipeline_chunks_of_the_split():
     found = [r.doc_id in top_docs(hits[r.question_id], 5) for r in records]
     assert sum(found) >= 0.8 * len(records)
     assert top_docs([("a", "x"), ("a", "y"), ("b", "z")], 2) == ["a", "b"]
+
+
+def test_coverage_separates_the_entry_from_the_prompt():
+    qa = [QA("a", "A", "", "q1", ("4821",), "q1"), QA("b", "B", "", "q2", ("April",), "q2")]
+    hits = {
+        "q1": [("a", "the vault sits under the mill"), ("c", "x"), ("a", "its code is 4821")],
+        "q2": [("c", "floods in April"), ("b", "the delta")],
+    }
+    # q1: its document is in the bank from k = 1, the chunk with its answer only at k = 3;
+    # q2: its answer is in another document's chunk (the prompt has it, the bank does not)
+    assert coverage(qa, hits, 1) == {"gold_entry": 0.5, "answer_in_prompt": 0.5, "entry_only": 0.5}
+    assert coverage(qa, hits, 2) == {"gold_entry": 1.0, "answer_in_prompt": 0.5, "entry_only": 0.5}
+    assert coverage(qa, hits, 3) == {"gold_entry": 1.0, "answer_in_prompt": 1.0, "entry_only": 0.0}
 
 
 def test_squad_normalization_and_scores():

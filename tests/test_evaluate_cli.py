@@ -1,0 +1,42 @@
+"""`python -m knowstream.models.evaluate --predictions`: every answer kept, and the row's
+scores are those answers' scores (real SmolLM2 on CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from knowstream.models.evaluate import squad_scores
+
+ROWS = [
+    {"doc_id": "v0", "title": "Vaults", "question_id": "q-vault",
+     "text": "The access code of vault Orion is 4821. The vault sits under the old mill.",
+     "question": "What is the access code of vault Orion?", "answers": ["4821"]},
+    {"doc_id": "r0", "title": "Rivers", "question_id": "q-river",
+     "text": "The river Tamsin floods every April. Its delta feeds the salt marshes.",
+     "question": "When does the river Tamsin flood?", "answers": ["every April"]},
+]  # fmt: skip
+
+
+def test_predictions_are_kept_per_question_and_scored(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"eval": ["Vaults", "Rivers"], "validation": [], "train": []}))
+    out = tmp_path / "eval.json"
+    argv = [sys.executable, "-m", "knowstream.models.evaluate", "--data", str(data),
+            "--split-file", str(split), "--modes", "gold_passage,closed_book", "--device", "cpu",
+            "--predictions", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "predictions" not in done.stdout  # the summary stays short
+    result = json.loads(out.read_text())
+    answers = {r["question_id"]: r["answers"] for r in ROWS}
+    for mode in ("gold_passage", "closed_book"):
+        preds = result["predictions"][mode]
+        assert set(preds) == set(answers)
+        f1 = [squad_scores(p, answers[q])[1] * 100 for q, p in preds.items()]
+        assert result["rows"][mode]["f1"] == pytest.approx(sum(f1) / len(f1))
