@@ -730,17 +730,30 @@ def retrieve_hits(
     ),
     split: Annotated[str, typer.Option(help="train | validation | eval")] = "eval",
     top: Annotated[int, typer.Option(help="Hits kept per question.")] = 50,
+    coverage: Annotated[
+        bool, typer.Option("--coverage", help="Only report the coverage of --out's hits.")
+    ] = False,
 ) -> None:
     """Each question's best chunks (the pipeline's chunker and embedder, exact cosine), the
-    hits file that `eval --retrieval` and the GPU evaluation read."""
-    from knowstream.models.retrieve import retrieve_split
+    hits file that `eval --retrieval` and the GPU evaluation read; then, for k = 1, 3, 5,
+    how often the gold document is among the k retrieved (its entry in the bank), an answer
+    is in the k chunks (the prompt), and the first without the second."""
+    from knowstream.models.retrieve import coverage_report, retrieve_split
 
     if not data.is_file():
         raise BadInput(f"--data {data}: no such file")
     if split not in ("train", "validation", "eval"):
         raise BadInput(f"--split {split!r}: give train, validation or eval")
-    n, hit1 = retrieve_split(data, split_file, split, out, top)
-    console.print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f} -> {out}")
+    if coverage and not out.is_file():
+        raise BadInput(f"--out {out}: no hits file to report on (run without --coverage)")
+    if not coverage:
+        n, hit1 = retrieve_split(data, split_file, split, out, top)
+        console.print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f} -> {out}")
+    table = Table("k", "gold entry in the bank", "answer in the prompt", "entry only")
+    for at, row in coverage_report(data, split_file, split, out).items():
+        cells = (row[m] for m in ("gold_entry", "answer_in_prompt", "entry_only"))
+        table.add_row(at, *(f"{v:.1%}" for v in cells))
+    console.print(table)
 
 
 @app.command("plot")

@@ -16,7 +16,8 @@ carried along:
     {"top": 50, "chunks": [[doc_id, chunk_text], ...], "hits": {question_id: [chunk index,
      ...best first]}}
 
-The same command with ``--coverage`` reports an existing file's ``coverage`` at k = 1, 3, 5.
+It also reports the file's ``coverage`` at k = 1, 3, 5; with ``--coverage`` it only
+reads an existing file and reports that.
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ def coverage(records: list[QA], hits: dict[str, list[tuple[str, str]]], k: int) 
     }
 
 
+def coverage_report(
+    data: str | Path, split_file: str | Path, split: str, hits_file: str | Path
+) -> dict[str, dict]:
+    """``coverage`` at k = 1, 3, 5 of a hits file over its split's questions."""
+    hits = load_retrieval(hits_file)
+    records = [
+        r for r in select(load_qa(data), load_split(split_file)[split]) if r.question_id in hits
+    ]
+    return {f"@{k}": coverage(records, hits, k) for k in (1, 3, 5)}
+
+
 def retrieve_split(
     data: str | Path, split_file: str | Path, split: str, out: str | Path, top: int = TOP
 ) -> tuple[int, float]:
@@ -112,18 +124,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--coverage", action="store_true", help="report the hits already in --out")
     a = p.parse_args()
-    if a.coverage:
-        records = select(load_qa(a.data), load_split(a.split_file)[a.split])
-        hits = load_retrieval(a.out)
-        records = [r for r in records if r.question_id in hits]
-        print(f"{len(records)} questions of {a.out}")
-        for k in (1, 3, 5):
-            print(
-                f"@{k}", json.dumps({m: round(v, 4) for m, v in coverage(records, hits, k).items()})
-            )
-        return
-    n, hit1 = retrieve_split(a.data, a.split_file, a.split, a.out, a.top)
-    print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f}")
+    if not a.coverage:
+        n, hit1 = retrieve_split(a.data, a.split_file, a.split, a.out, a.top)
+        print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f}")
+    for at, row in coverage_report(a.data, a.split_file, a.split, a.out).items():
+        print(at, json.dumps({m: round(v, 4) for m, v in row.items()}))
 
 
 if __name__ == "__main__":

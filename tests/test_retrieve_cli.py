@@ -34,3 +34,9 @@ def test_retrieve_writes_each_questions_hits(tmp_path):
     # each question's best chunk is from its own passage
     assert {owners[h[0]] for h in hits["hits"].values()} == {"v0", "r0"}
     assert "gold passage: 1.000" in " ".join(done.stdout.split())
+    # the coverage table: each gold document and its answer are in the top chunk
+    again = subprocess.run([*argv, "--coverage"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(out.read_text()) == hits  # --coverage only reads the file
+    row = next(line for line in again.stdout.splitlines() if "@1" in line)
+    assert [cell.strip() for cell in row.split("│")[2:5]] == ["100.0%", "100.0%", "0.0%"]
