@@ -23,7 +23,7 @@ from transformers import (
 
 from knowstream.models.build_lock import BUILD_LOCK
 from knowstream.models.encoder import TextEncoder
-from knowstream.models.lm import gguf_path, load_lm
+from knowstream.models.lm import gguf_path, load_lm, with_cache
 from knowstream.models.mac import MAC, MACConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,8 +104,8 @@ def generate(
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
-            logits_to_keep=1,  # not (B, L, vocab) for the whole prompt
+            logits_to_keep=1,
+            **with_cache(lm, cache),  # not (B, L, vocab) for the whole prompt
         ).logits[:, -1]
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, -1)

