@@ -205,15 +205,20 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {name!r}") from None
 
 
-@functools.lru_cache(maxsize=8)
 def load_amortizer(spec: str, device: str = "cpu", dtype: str = "float32") -> MAC:
-    """The MAC networks named by ``spec`` on ``device`` in ``dtype``, loaded once per process.
+    """The MAC networks named by ``spec`` on ``device`` in ``dtype``, loaded once per process
+    (``load_amortizer(spec)`` and ``load_amortizer(spec, "cpu", "float32")`` are one load).
 
     ``spec`` is a checkpoint folder, "bundled" for the checkpoint that ships with
     knowstream, or "init" for the seeded untrained network. A registry spec
     (``models:/...``, "registry") is resolved to a folder first, once per batch, by
     ``connectors.mlflow._registry.resolve_amortizer``: workers never read the registry.
     """
+    return _load_amortizer(spec, device, dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_amortizer(spec: str, device: str, dtype: str) -> MAC:
     if is_registry_spec(spec):
         raise ValueError(
             f"amortizer spec {spec!r} names a registry version: resolve it to a checkpoint "

@@ -88,6 +88,8 @@ def test_version_is_the_amortizers(runs):
     version = load_amortizer("init").version
     assert version.startswith("mac-")
     assert {r["amortizer_version"] for r in first} == {version}
+    # the version is hashed from the very model the stage computes with on CPU: one load
+    assert load_amortizer("init") is load_amortizer("init", "cpu", "float32")
 
 
 def test_deterministic_across_runs(runs):
