@@ -104,8 +104,8 @@ def generate(
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
-            logits_to_keep=1,
-            **with_cache(lm, cache),  # not (B, L, vocab) for the whole prompt
+            logits_to_keep=1,  # not (B, L, vocab) for the whole prompt
+            **with_cache(lm, cache),
         ).logits[:, -1]
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, -1)
