@@ -35,24 +35,38 @@ TOP = 50  # hits kept per question: enough for k <= 10 distinct documents, and f
 # runs that drop the hits of documents not yet streamed
 
 
+def rank_chunks(
+    docs: dict[str, str],
+    questions: list[str],
+    encoder,
+    top: int | None = TOP,
+    chunk_tokens: int = 128,
+    chunk_overlap: int = 32,
+) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """``docs`` (doc_id -> text) cut into (doc_id, chunk text) chunks, and each question's
+    ``top`` best chunk indices (all of them for None), best first."""
+    chunks: list[tuple[str, str]] = []
+    for doc_id, text in docs.items():
+        for s in chunk_spans(text, encoder.tokenizer, chunk_tokens, chunk_overlap):
+            chunks.append((doc_id, text[s.char_start : s.char_end]))
+    chunk_emb = encoder.embed([t for _, t in chunks])
+    q_emb = encoder.embed(questions)
+    scores = q_emb @ chunk_emb.T  # cosine: both sides are L2-normalized
+    return chunks, np.argsort(-scores, axis=1, kind="stable")[:, :top]
+
+
 def retrieve(
     records: list[QA], encoder, top: int = TOP, chunk_tokens: int = 128, chunk_overlap: int = 32
 ) -> dict:
     """The records' passages cut into chunks, and each question's ``top`` best chunks
     (the file format above)."""
-    owners: list[str] = []
-    texts: list[str] = []
-    for doc_id, text in passages(records).items():
-        for s in chunk_spans(text, encoder.tokenizer, chunk_tokens, chunk_overlap):
-            owners.append(doc_id)
-            texts.append(text[s.char_start : s.char_end])
-    chunk_emb = encoder.embed(texts)
-    q_emb = encoder.embed([r.question for r in records])
-    scores = q_emb @ chunk_emb.T  # cosine: both sides are L2-normalized
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    questions = [r.question for r in records]
+    chunks, best = rank_chunks(
+        passages(records), questions, encoder, top, chunk_tokens, chunk_overlap
+    )
     return {
         "top": top,
-        "chunks": list(zip(owners, texts, strict=True)),
+        "chunks": chunks,
         "hits": {r.question_id: row.tolist() for r, row in zip(records, best, strict=True)},
     }
 

@@ -31,7 +31,10 @@ rate schedule fit a wall-clock budget.
 prompt, its own and others of the same article (``article_group`` puts them in the
 batch), and their entries are its bank, as ``mac+rag@k`` serves them. With the own
 passage in the prompt the entry has nothing to add; ``rag_miss`` swaps it for another
-passage in part of them, so that only the own entry holds the answer.
+passage in part of them, so that only the own entry holds the answer. ``rag_retrieve``
+builds those contexts as serving does instead: the top ``rag_k`` chunks by MiniLM among
+the batch's passages (in validation, the split's) in the prompt, the entries of the top
+``rag_k`` documents in the bank; a miss then leaves the own passage's chunks out.
 
 Validation (the split's validation articles; eval articles are never read):
 student answer NLL with the gold entry alone and with a wrong passage's entry
@@ -73,6 +76,7 @@ from knowstream.models.objectives import (
     per_question,
 )
 from knowstream.models.qa_data import QA, load_qa, load_split, select
+from knowstream.models.retrieve import rank_chunks, top_docs
 
 
 @dataclass
@@ -109,6 +113,7 @@ class TrainConfig:
     rag_frac: float = 0.0  # fraction of student questions asked with passages in the prompt
     rag_k: int = 1  # passages in such a prompt: its own + rag_k - 1 of the same article (mac+rag@k)
     rag_miss: float = 0.0  # of those, the fraction whose own passage is left out of the prompt
+    rag_retrieve: bool = False  # those prompts and banks retrieved, as served (chunks, top docs)
     article_group: int = 1  # a batch's passages come in groups of this many per article
     kd_focus: float = 0.0  # 0..1: weight KD tokens by what the passage changes (see kd_weights)
     freeze_task: bool = False  # keep the task prompt as loaded (--init_from): a fixed teacher
@@ -175,10 +180,10 @@ def mac_nll(mac, lm, encoder, tokenizer, questions, prompts, answers, bank, bank
 
 
 class Context(NamedTuple):
-    """A question's passages (indices into its batch's or split's passages): those in its
-    prompt and those whose entries are its bank."""
+    """What a question with passages sees: the texts in its prompt (passages or chunks) and
+    the passages whose entries are its bank (indices into its batch's or split's)."""
 
-    prompt: list[int]
+    prompt: list[str]
     bank: list[int]
 
 
@@ -186,6 +191,23 @@ def swapped_out(docs: list[int], own: int, spare: list[int]) -> list[int]:
     """The prompt of a retrieval miss: ``docs`` with ``spare`` (one passage, or none) in
     ``own``'s place."""
     return [x for d in docs for x in (spare if d == own else [d])]
+
+
+@torch.no_grad()
+def retrieved_contexts(
+    encoder, questions: list[str], owners: list[int], texts: list[str], k: int, misses: list[bool]
+) -> list[Context]:
+    """``mac+rag@k`` contexts as served, with ``texts`` as the whole store: each question's
+    top k chunks in its prompt and the entries of its top k documents in its bank; with a
+    miss, the next chunks take the places of its own passage's (``owners``)."""
+    docs = {str(d): t for d, t in enumerate(texts)}
+    chunks, best = rank_chunks(docs, questions, encoder, top=None)
+    out = []
+    for own, row, miss in zip(owners, best, misses, strict=True):
+        hits = [chunks[j] for j in row]
+        shown = [t for d, t in hits if not (miss and int(d) == own)][:k]
+        out.append(Context(shown, [int(d) for d in top_docs(hits, k)]))
+    return out
 
 
 class Batches:
@@ -196,6 +218,7 @@ class Batches:
     def __init__(self, records: list[QA], tokenizer, cfg: TrainConfig) -> None:
         self.rng = random.Random(cfg.seed)
         self.rag_frac, self.rag_k, self.rag_miss = cfg.rag_frac, cfg.rag_k, cfg.rag_miss
+        self.rag_retrieve = cfg.rag_retrieve
         self.group = cfg.article_group
         self.tokenizer = tokenizer
         by_doc: dict[str, list[int]] = defaultdict(list)
@@ -213,16 +236,24 @@ class Batches:
         )
         self.answers = answer_ids(tokenizer, [r.answers[0] for r in records], cfg.max_answer_tokens)
 
-    def student_contexts(self, owner: list[int], titles: list[str]) -> list[Context | None]:
-        """For each question (its passage ``owner[q]`` of the batch): None (question
-        alone), or with probability ``rag_frac`` passages in its prompt, as ``mac+rag@k``
-        serves them: its own and ``rag_k - 1`` others of the same article when the batch
-        has them (else any others), in random order, their entries the bank. With
-        probability ``rag_miss`` the own passage is then swapped in the prompt for another
-        (a retrieval miss at chunk level): its entry alone holds the answer."""
+    def student_contexts(
+        self, flat: list[int], owner: list[int], titles: list[str], texts: list[str], encoder
+    ) -> list[Context | None]:
+        """For each question (record ``flat[q]``, its passage ``owner[q]`` of the batch's
+        ``texts``): None (question alone), or with probability ``rag_frac`` passages in its
+        prompt, as ``mac+rag@k`` serves them: its own and ``rag_k - 1`` others of the same
+        article when the batch has them (else any others), in random order, their entries
+        the bank. With probability ``rag_miss`` the own passage is then swapped in the
+        prompt for another (a retrieval miss at chunk level): its entry alone holds the
+        answer. With ``rag_retrieve``: ``retrieved_contexts`` over the batch's passages."""
         out: list[Context | None] = []
-        for o in owner:
+        retrieve: list[tuple[int, bool]] = []  # rag_retrieve: (question, miss)
+        for q, o in enumerate(owner):
             if not (self.rag_frac and self.rng.random() < self.rag_frac):
+                out.append(None)
+                continue
+            if self.rag_retrieve:
+                retrieve.append((q, bool(self.rag_miss and self.rng.random() < self.rag_miss)))
                 out.append(None)
                 continue
             same = [d for d, t in enumerate(titles) if t == titles[o] and d != o]
@@ -235,21 +266,28 @@ class Batches:
             prompt = docs
             if self.rag_miss and self.rng.random() < self.rag_miss:
                 prompt = swapped_out(docs, o, others[self.rag_k - 1 : self.rag_k])
-            out.append(Context(prompt, docs))
+            out.append(Context([texts[d] for d in prompt], docs))
+        if retrieve:
+            questions = [self.records[flat[q]].question for q, _ in retrieve]
+            owners = [owner[q] for q, _ in retrieve]
+            misses = [miss for _, miss in retrieve]
+            found = retrieved_contexts(encoder, questions, owners, texts, self.rag_k, misses)
+            for (q, _), c in zip(retrieve, found, strict=True):
+                out[q] = c
         return out
 
     def student_prompts(
-        self, flat: list[int], contexts: Sequence[Context | None], texts: list[str]
+        self, flat: list[int], contexts: Sequence[Context | None]
     ) -> list[list[int]]:
         """The student's prompt of each question: the question alone, or its passages."""
         prompts: list[list[int]] = []
         for i, c in zip(flat, contexts, strict=True):
             if c is None:
                 prompts.append(self.prompts[i])
-            elif [texts[d] for d in c.prompt] == [self.records[i].text]:
+            elif c.prompt == [self.records[i].text]:
                 prompts.append(self.passage_prompts[i])  # its own passage: the teacher's prompt
             else:
-                joined = "\n\n".join(texts[d] for d in c.prompt)
+                joined = "\n\n".join(c.prompt)
                 content = passage_prompt(joined, self.records[i].question)
                 prompts += chat_prompts(self.tokenizer, [content])
         return prompts
@@ -345,10 +383,10 @@ def step_losses(mac, lm, tokenizer, encoder, data: Batches, batch, size, cfg):
     loss = cfg.task_weight * out["teacher_nll"] if need_task_grad else t_logits.new_zeros(())
     if cfg.train_mac:
         entries = mac.amortizer.amortize_texts(encoder, texts)
-        contexts = data.student_contexts(owner, titles)
+        contexts = data.student_contexts(flat, owner, titles, texts, encoder)
         bank, bank_mask = mixed_bank(entries, owner, size, contexts)
         cache = mac_cache(mac, lm, encoder, [r.question for r in recs], bank, bank_mask)
-        prompts = data.student_prompts(flat, contexts, texts)
+        prompts = data.student_prompts(flat, contexts)
         s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
         s_nll = per_question(F.cross_entropy(s_logits, target, reduction="none"), rows, B)
         out["gold_nll"] = (s_nll * gold).sum() / gold.sum().clamp(min=1)
@@ -390,7 +428,7 @@ def val_context(val: Batches, gold: int, n: int, k: int, miss: bool) -> Context:
     docs = following[: k - 1]
     docs.insert(n % (len(docs) + 1), gold)
     prompt = swapped_out(docs, gold, following[k - 1 : k]) if miss else docs
-    return Context(prompt, docs)
+    return Context([val.records[val.docs[d][1][0]].text for d in prompt], docs)
 
 
 @torch.no_grad()
@@ -399,7 +437,8 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
     alone and with a wrong passage's entry (another article's, as a rule: the
     control), and the teacher (task prompt + passage); and the KD loss of each. When
     training asks questions with ``rag_k`` > 1 passages in the prompt: also with such a
-    prompt (``val_context``) and their own entries (``rag_gold``) or wrong ones
+    prompt (``val_context``, or with ``rag_retrieve`` the split's retrieved chunks, as
+    ``mac+rag@k`` of the evaluation) and their own entries (``rag_gold``) or wrong ones
     (``rag_wrong``); with ``rag_miss``, the same with the gold passage out of the prompt
     (``miss_gold``, ``miss_wrong``)."""
     mac.eval()
@@ -416,6 +455,15 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
     qs = list(range(len(val.records)))
     if cfg.val_max:
         qs = qs[: cfg.val_max]
+    retrieved: dict[bool, list[Context]] = {}
+    if cfg.rag_retrieve:
+        questions = [val.records[i].question for i in qs]
+        owners = [doc_index[val.records[i].doc_id] for i in qs]
+        for _, miss in with_passages:
+            misses = [miss] * len(qs)
+            retrieved[miss] = retrieved_contexts(
+                encoder, questions, owners, texts, cfg.rag_k, misses
+            )
     totals: dict[str, float] = defaultdict(float)
     for start in range(0, len(qs), cfg.val_batch):
         idx = qs[start : start + cfg.val_batch]
@@ -436,7 +484,10 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
                 ("wrong", alone, [wrong([g]) for g in gold]),
             ]
             for name, miss in with_passages:
-                cs = [val_context(val, g, n, cfg.rag_k, miss) for n, g in enumerate(gold)]
+                if cfg.rag_retrieve:
+                    cs = retrieved[miss][start : start + len(idx)]
+                else:
+                    cs = [val_context(val, g, n, cfg.rag_k, miss) for n, g in enumerate(gold)]
                 banks = [c.bank for c in cs]
                 runs += [
                     (f"{name}_gold", cs, banks),
@@ -449,7 +500,7 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
             for name, contexts, banks in runs:
                 bank, mask = padded_bank(entries, [[pos[d] for d in b] for b in banks])
                 cache = mac_cache(mac, lm, encoder, questions, bank, mask)
-                prompts = val.student_prompts(idx, contexts, texts)
+                prompts = val.student_prompts(idx, contexts)
                 s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
                 tok = F.cross_entropy(s_logits, target, reduction="none")
                 totals[name] += float(per_question(tok, rows, len(idx)).sum())

@@ -24,7 +24,7 @@ from knowstream.models.lm import _cache_is_valid, default_cache_dir, gguf_path
 from knowstream.models.mac import MAC, MACConfig
 from knowstream.models.objectives import kl_per_token
 from knowstream.models.qa_data import QA, load_qa, load_split, make_split, select
-from knowstream.models.retrieve import coverage, retrieve, top_docs
+from knowstream.models.retrieve import coverage, rank_chunks, retrieve, top_docs
 
 SAMPLE = "data/sample/questions.jsonl"
 
@@ -366,19 +366,20 @@ def test_mac_rag_prompts_hold_own_passage_and_same_article_neighbours(tokenizer)
     data = train_mod.Batches(records, tokenizer, cfg)
     texts, titles, owner, flat = data.sample(6, 2)
     assert len(set(titles)) == 2 and all(titles.count(t) == 3 for t in titles)
-    contexts = data.student_contexts(owner, titles)
+    contexts = data.student_contexts(flat, owner, titles, texts, None)
     for o, c in zip(owner, contexts, strict=True):
-        assert c is not None and c.prompt == c.bank and o in c.bank and len(set(c.bank)) == 3
+        assert c is not None and c.prompt == [texts[d] for d in c.bank]
+        assert o in c.bank and len(set(c.bank)) == 3
         assert {titles[d] for d in c.bank} == {titles[o]}
-    prompts = data.student_prompts(flat, contexts, texts)
+    prompts = data.student_prompts(flat, contexts)
     decoded = [tokenizer.decode(p) for p in prompts]
     for text, c, i in zip(decoded, contexts, flat, strict=True):
-        assert c is not None and all(texts[d] in text for d in c.prompt)
+        assert c is not None and all(t in text for t in c.prompt)
         assert records[i].question in text
     # The bank of a question with passages is its context's, in order; a question
     # alone gets the gold entry and its in-batch distractors, padding masked.
     entries = torch.arange(6.0)[:, None, None].expand(6, 2, 3)
-    with_passages = train_mod.Context([5, 4, 3], [5, 4, 3])
+    with_passages = train_mod.Context(["e", "d", "c"], [5, 4, 3])
     bank, mask = train_mod.mixed_bank(entries, [0, 4], 2, [None, with_passages])
     assert bank[:, :, 0, 0].tolist() == [[0, 1, 0], [5, 4, 3]]
     assert mask.tolist() == [[True, True, False], [True, True, True]]
@@ -389,13 +390,35 @@ def test_a_retrieval_miss_leaves_the_own_passage_out_of_the_prompt_not_the_bank(
     cfg = tiny_config(rag_frac=1.0, rag_k=3, rag_miss=1.0, article_group=4)
     data = train_mod.Batches(records, tokenizer, cfg)
     texts, titles, owner, flat = data.sample(8, 2)
-    contexts = data.student_contexts(owner, titles)
-    prompts = data.student_prompts(flat, contexts, texts)
+    contexts = data.student_contexts(flat, owner, titles, texts, None)
+    prompts = data.student_prompts(flat, contexts)
     for o, c, p, i in zip(owner, contexts, prompts, flat, strict=True):
-        assert c is not None and o in c.bank and o not in c.prompt
+        assert c is not None and o in c.bank and texts[o] not in c.prompt
         # Its place in the prompt goes to a fourth passage of the same article.
-        assert len(c.prompt) == 3 and {titles[d] for d in c.prompt} == {titles[o]}
+        assert len(c.prompt) == 3 and {titles[texts.index(t)] for t in c.prompt} == {titles[o]}
         assert texts[o] not in tokenizer.decode(p) and records[i].question in tokenizer.decode(p)
+
+
+def test_retrieved_contexts_are_served_ones_top_chunks_and_documents(tokenizer):
+    records = load_qa(SAMPLE)
+    cfg = tiny_config(rag_frac=1.0, rag_k=3, rag_retrieve=True, article_group=4)
+    data = train_mod.Batches(records, tokenizer, cfg)
+    texts, titles, owner, flat = data.sample(8, 2)
+    encoder = load_encoder()
+    contexts = data.student_contexts(flat, owner, titles, texts, encoder)
+    questions = [records[i].question for i in flat]
+    # The same hits as evaluation's retrieval over these passages, cut the same way.
+    chunks, best = rank_chunks({str(d): t for d, t in enumerate(texts)}, questions, encoder, 20)
+    for c, row in zip(contexts, best, strict=True):
+        assert c is not None and c.prompt == [chunks[j][1] for j in row[:3]]
+        assert c.bank == [int(d) for d in top_docs([chunks[j] for j in row], 3)]
+        assert all(any(t in text for text in texts) for t in c.prompt)  # spans, not rewrites
+    assert sum(o in c.bank for o, c in zip(owner, contexts, strict=True) if c) >= len(owner) // 2
+    # A miss: none of the own passage's chunks in the prompt; the bank is still retrieval's.
+    missed = train_mod.retrieved_contexts(encoder, questions, owner, texts, 3, [True] * len(flat))
+    for o, c, m in zip(owner, contexts, missed, strict=True):
+        assert c is not None and m.bank == c.bank and len(m.prompt) == 3
+        assert not any(t in texts[o] for t in m.prompt)
 
 
 def test_mac_rag_training_validates_own_against_wrong_entries_with_passages(tokenizer):
@@ -407,12 +430,15 @@ def test_mac_rag_training_validates_own_against_wrong_entries_with_passages(toke
         max_steps=3, eval_every=3, rag_frac=0.5, rag_k=3, rag_miss=0.5, article_group=3,
         select="gold+rag_gold",
     )  # fmt: skip
-    m = train_mod.train(mac, lm, tokenizer, load_encoder(), train_recs, val_recs, None, cfg, print)
-    v = m["val"][-1]
     losses = ("gold", "wrong", "rag_gold", "rag_wrong", "miss_gold", "miss_wrong")
-    assert {f"kd_{k}" for k in losses} <= set(v)
-    assert all(np.isfinite(v[k]) for k in losses)
-    assert v["select"] == pytest.approx(v["gold"] + v["rag_gold"])
-    # Own entries and wrong ones give different losses: the control really swaps entries;
-    # and leaving the gold passage out of the prompt changes the loss too.
-    assert v["rag_gold"] != v["rag_wrong"] and v["miss_gold"] != v["rag_gold"]
+    encoder = load_encoder()
+    for retrieved in (False, True):
+        cfg.rag_retrieve = retrieved
+        m = train_mod.train(mac, lm, tokenizer, encoder, train_recs, val_recs, None, cfg, print)
+        v = m["val"][-1]
+        assert {f"kd_{k}" for k in losses} <= set(v)
+        assert all(np.isfinite(v[k]) for k in losses)
+        assert v["select"] == pytest.approx(v["gold"] + v["rag_gold"])
+        # Own entries and wrong ones give different losses: the control really swaps
+        # entries; and leaving the gold passage out of the prompt changes the loss too.
+        assert v["rag_gold"] != v["rag_wrong"] and v["miss_gold"] != v["rag_gold"]
