@@ -83,6 +83,7 @@ def make_passage(i: int, rng: random.Random) -> dict:
     return {
         "doc_id": doc, "title": doc, "text": text, "question": question.format(**fields),
         "answers": [value], "question_id": f"{doc}-q", "answer_starts": [text.index(value)],
+        "kind": kind,
     }  # fmt: skip
 
 
@@ -100,6 +101,22 @@ def generate(n_train: int, n_validation: int, n_eval: int, seed: int = 0) -> tup
     return records, split
 
 
+def by_kind(records: list[dict], predictions: dict[str, dict[str, str]]) -> dict:
+    """Exact match (percent) and questions of each mode's kept answers (``evaluate
+    --predictions``), by kind of fact: ``{mode: {kind: (em, n)}}``."""
+    from knowstream.models.evaluate import exact_match
+
+    kinds = {r["question_id"]: (r["kind"], r["answers"][0]) for r in records}
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for mode, preds in predictions.items():
+        hits: dict[str, list[float]] = {}
+        for qid, pred in preds.items():
+            kind, gold = kinds[qid]
+            hits.setdefault(kind, []).append(exact_match(pred, gold))
+        out[mode] = {k: (100 * sum(v) / len(v), len(v)) for k, v in sorted(hits.items())}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", required=True, type=Path)
@@ -107,7 +124,19 @@ def main() -> None:
     p.add_argument("--n-validation", type=int, default=200)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--by-kind", type=Path, help="an evaluation JSON with --predictions: its exact match "
+        "by kind of fact, over OUT_DIR/facts.jsonl (nothing is written)",
+    )  # fmt: skip
     a = p.parse_args()
+    if a.by_kind:
+        with (a.out_dir / "facts.jsonl").open() as f:
+            records = [json.loads(line) for line in f]
+        table = by_kind(records, json.loads(a.by_kind.read_text())["predictions"])
+        for mode, row in table.items():
+            cells = ", ".join(f"{k} {em:.1f}% of {n}" for k, (em, n) in row.items())
+            print(f"{mode:18s} {cells}")
+        return
     records, split = generate(a.n_train, a.n_validation, a.n_eval, a.seed)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     with (a.out_dir / "facts.jsonl").open("w") as f:

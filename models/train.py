@@ -631,6 +631,7 @@ def train(
                 "bank": size,
                 "lr": cfg.lr * factor,
                 "grad_norm": float(gnorm),
+                "skipped_steps": metrics.get("skipped_steps", 0),  # so far, not finite
                 "elapsed_s": round(time.time() - t0, 1),
             }
             metrics["train"].append(rec)

@@ -91,6 +91,25 @@ def test_tiny_training_run_lowers_the_loss(tokenizer):
     assert all(p.grad is None for p in lm.parameters())
 
 
+def test_a_batch_with_a_non_finite_gradient_is_skipped_and_counted(tokenizer, monkeypatch):
+    lm, mac = tiny_lm_and_mac(tokenizer)
+    real, calls = train_mod.step_losses, []
+
+    def overflow_on_step_2(*args):
+        out = real(*args)
+        calls.append(1)
+        if len(calls) == 2:
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(train_mod, "step_losses", overflow_on_step_2)
+    cfg = tiny_config(max_steps=4)
+    m = train_mod.train(mac, lm, tokenizer, load_encoder(), load_qa(SAMPLE)[:8], [], None, cfg)
+    assert m["skipped_steps"] == 1
+    assert [r["skipped_steps"] for r in m["train"]] == [0, 1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in mac.parameters())
+
+
 def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
     a = torch.randn(5, 11)
     assert torch.allclose(kl_per_token(a, a), torch.zeros(5), atol=1e-6)
@@ -332,6 +351,16 @@ def test_synthetic_facts_are_answerable_only_from_their_passage():
         name = next(w for w in r["question"].rstrip("?").split()[1:] if w[0].isupper())
         fact = [s for s in r["text"].split(". ") if name in s]
         assert len(fact) == 1 and answer in fact[0]  # one fact sentence, holding the answer
+    # Scored by kind: the gold value (any case, a final period) is a hit, another one is not.
+    preds = {r["question_id"]: r["answers"][0].upper() + "." for r in records[:20]}
+    preds |= {r["question_id"]: "Oslo" for r in records[20:] if r["answers"][0] != "Oslo"}
+    table = synthetic.by_kind(records, {"mac_gold": preds})["mac_gold"]
+    scored = [r for r in records if r["question_id"] in preds]
+    assert set(table) == {r["kind"] for r in scored} <= {"code", "city", "metal"}
+    for kind, (em, n) in table.items():
+        of_kind = [r for r in scored if r["kind"] == kind]
+        right = [r for r in of_kind if r in records[:20]]
+        assert n == len(of_kind) and em == pytest.approx(100 * len(right) / n)
 
 
 def test_untrained_encoder_lora_is_the_frozen_encoder_and_gets_gradients():
