@@ -111,7 +111,7 @@ class TrainConfig:
     gold_weight: float = 1.0  # student NLL of gold answers
     task_weight: float = 1.0  # teacher NLL of gold answers (trains the task prompt)
     rag_frac: float = 0.0  # fraction of student questions asked with passages in the prompt
-    rag_k: int = 1  # passages in such a prompt: its own + rag_k - 1 of the same article (mac+rag@k)
+    rag_k: int = 1  # passages in such a prompt: own + rag_k - 1 of its article; or retrieved chunks
     rag_miss: float = 0.0  # of those, the fraction whose own passage is left out of the prompt
     rag_retrieve: bool = False  # those prompts and banks retrieved, as served (chunks, top docs)
     article_group: int = 1  # a batch's passages come in groups of this many per article
