@@ -194,20 +194,20 @@ def swapped_out(docs: list[int], own: int, spare: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def retrieved_contexts(
-    encoder, questions: list[str], owners: list[int], texts: list[str], k: int, misses: list[bool]
-) -> list[Context]:
-    """``mac+rag@k`` contexts as served, with ``texts`` as the whole store: each question's
-    top k chunks in its prompt and the entries of its top k documents in its bank; with a
-    miss, the next chunks take the places of its own passage's (``owners``)."""
+def retrieved_hits(encoder, questions: list[str], texts: list[str]) -> list[list[tuple[str, str]]]:
+    """Each question's chunks of ``texts`` as served, best first: (passage index as a
+    string, chunk text), with ``texts`` as the whole store."""
     docs = {str(d): t for d, t in enumerate(texts)}
     chunks, best = rank_chunks(docs, questions, encoder, top=None)
-    out = []
-    for own, row, miss in zip(owners, best, misses, strict=True):
-        hits = [chunks[j] for j in row]
-        shown = [t for d, t in hits if not (miss and int(d) == own)][:k]
-        out.append(Context(shown, [int(d) for d in top_docs(hits, k)]))
-    return out
+    return [[chunks[j] for j in row] for row in best]
+
+
+def retrieved_context(hits: list[tuple[str, str]], own: int, k: int, miss: bool) -> Context:
+    """The ``mac+rag@k`` context of a question's ``retrieved_hits``: its top k chunks in the
+    prompt and the entries of its top k passages in the bank; with a miss, the next chunks
+    take the places of its own passage's."""
+    shown = [t for d, t in hits if not (miss and int(d) == own)][:k]
+    return Context(shown, [int(d) for d in top_docs(hits, k)])
 
 
 class Batches:
@@ -245,7 +245,7 @@ class Batches:
         article when the batch has them (else any others), in random order, their entries
         the bank. With probability ``rag_miss`` the own passage is then swapped in the
         prompt for another (a retrieval miss at chunk level): its entry alone holds the
-        answer. With ``rag_retrieve``: ``retrieved_contexts`` over the batch's passages."""
+        answer. With ``rag_retrieve``: ``retrieved_context`` over the batch's passages."""
         out: list[Context | None] = []
         retrieve: list[tuple[int, bool]] = []  # rag_retrieve: (question, miss)
         for q, o in enumerate(owner):
@@ -269,11 +269,9 @@ class Batches:
             out.append(Context([texts[d] for d in prompt], docs))
         if retrieve:
             questions = [self.records[flat[q]].question for q, _ in retrieve]
-            owners = [owner[q] for q, _ in retrieve]
-            misses = [miss for _, miss in retrieve]
-            found = retrieved_contexts(encoder, questions, owners, texts, self.rag_k, misses)
-            for (q, _), c in zip(retrieve, found, strict=True):
-                out[q] = c
+            hits = retrieved_hits(encoder, questions, texts)
+            for (q, miss), h in zip(retrieve, hits, strict=True):
+                out[q] = retrieved_context(h, owner[q], self.rag_k, miss)
         return out
 
     def student_prompts(
@@ -456,14 +454,13 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
     if cfg.val_max:
         qs = qs[: cfg.val_max]
     retrieved: dict[bool, list[Context]] = {}
-    if cfg.rag_retrieve:
-        questions = [val.records[i].question for i in qs]
+    if cfg.rag_retrieve and with_passages:
+        hits = retrieved_hits(encoder, [val.records[i].question for i in qs], texts)
         owners = [doc_index[val.records[i].doc_id] for i in qs]
         for _, miss in with_passages:
-            misses = [miss] * len(qs)
-            retrieved[miss] = retrieved_contexts(
-                encoder, questions, owners, texts, cfg.rag_k, misses
-            )
+            retrieved[miss] = [
+                retrieved_context(h, o, cfg.rag_k, miss) for h, o in zip(hits, owners, strict=True)
+            ]
     totals: dict[str, float] = defaultdict(float)
     for start in range(0, len(qs), cfg.val_batch):
         idx = qs[start : start + cfg.val_batch]

@@ -444,7 +444,8 @@ def test_retrieved_contexts_are_served_ones_top_chunks_and_documents(tokenizer):
         assert all(any(t in text for text in texts) for t in c.prompt)  # spans, not rewrites
     assert sum(o in c.bank for o, c in zip(owner, contexts, strict=True) if c) >= len(owner) // 2
     # A miss: none of the own passage's chunks in the prompt; the bank is still retrieval's.
-    missed = train_mod.retrieved_contexts(encoder, questions, owner, texts, 3, [True] * len(flat))
+    hits = train_mod.retrieved_hits(encoder, questions, texts)
+    missed = [train_mod.retrieved_context(h, o, 3, True) for h, o in zip(hits, owner, strict=True)]
     for o, c, m in zip(owner, contexts, missed, strict=True):
         assert c is not None and m.bank == c.bank and len(m.prompt) == 3
         assert not any(t in texts[o] for t in m.prompt)
