@@ -109,7 +109,7 @@ rung1)
         --split=/tmp/synth/split.json --out_dir=$R --task_weight=0 --kd_weight=0 \
         --device=cuda --max_minutes=${RUNG1_MINUTES:-7} --batch_docs=64 --q_per_doc=1 \
         --curriculum=1,2 --eval_every=100 --warmup_steps=50 --lr=5e-4 --lora_lr=2e-4 \
-        ${RUNG1_FROM:+--init_from=$RUNG1_FROM --curriculum=2 --warmup_steps=10 --lr=5e-4} \
+        ${RUNG1_FROM:+--init_from=$RUNG1_FROM --curriculum=2 --warmup_steps=10} \
         ${RUNG1_ARGS:-}
     cp $R/metrics.json $OUT/rung1-metrics.json
     run python3 -m knowstream.models.evaluate --data /tmp/synth/facts.jsonl \
