@@ -130,9 +130,18 @@ def main() -> None:
     )  # fmt: skip
     a = p.parse_args()
     if a.by_kind:
-        with (a.out_dir / "facts.jsonl").open() as f:
+        facts = a.out_dir / "facts.jsonl"
+        if not facts.is_file() or not a.by_kind.is_file():
+            p.error(f"--by-kind needs {facts} (generate it first) and {a.by_kind}")
+        with facts.open() as f:
             records = [json.loads(line) for line in f]
-        table = by_kind(records, json.loads(a.by_kind.read_text())["predictions"])
+        predictions = json.loads(a.by_kind.read_text()).get("predictions")
+        if not predictions:
+            p.error(f"{a.by_kind} keeps no answers: evaluate with --predictions")
+        known = {r["question_id"] for r in records}
+        if any(q not in known for preds in predictions.values() for q in preds):
+            p.error(f"{a.by_kind} answers questions that {facts} does not hold")
+        table = by_kind(records, predictions)
         for mode, row in table.items():
             cells = ", ".join(f"{k} {em:.1f}% of {n}" for k, (em, n) in row.items())
             print(f"{mode:18s} {cells}")

@@ -40,3 +40,13 @@ def test_predictions_are_kept_per_question_and_scored(tmp_path):
         assert set(preds) == set(answers)
         f1 = [squad_scores(p, answers[q])[1] * 100 for q, p in preds.items()]
         assert result["rows"][mode]["f1"] == pytest.approx(sum(f1) / len(f1))
+
+
+def test_rung1_by_kind_refuses_a_result_without_kept_answers(tmp_path):
+    synth = [sys.executable, "-m", "knowstream.models.synthetic", "--out-dir", str(tmp_path)]
+    assert subprocess.run([*synth, "--n-train", "5"], capture_output=True).returncode == 0
+    result = tmp_path / "eval.json"
+    result.write_text(json.dumps({"rows": {}, "paired_f1": {}}))  # run without --predictions
+    done = subprocess.run([*synth, "--by-kind", str(result)], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1].endswith("keeps no answers: evaluate with --predictions")
