@@ -17,9 +17,11 @@
 #              distillation ($TRAIN_ARGS appended); the checkpoint comes back in 3 parts.
 #              TRAIN_FROM=DIR continues from a carried checkpoint instead (chained runs)
 #   eval       evaluate the trained checkpoint (CKPT) on validation + eval articles
+#              (EVAL_PREDICTIONS=1: every answer kept)
 #   rung1      rung 1: synthetic facts, train + evaluate own vs wrong entry
-#   lm         rung 0: self-questions for 64 eval passages, free distilled prefixes
-#              (after the task prompt of /tmp/task/best when there is one)
+#   lm         rung 0: self-questions for 64 eval passages, free distilled prefixes of each
+#              length in RUNG0_PREFIX (default 2), after the task prompt of RUNG0_CKPT
+#              (default /tmp/task/best) when there is one
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 STEP=$1
@@ -50,7 +52,11 @@ knowstream_path $S
 export KNOWSTREAM_LM_CACHE=/tmp/lmcache
 SPLIT=data/splits/squad_v1.1.json
 DEV=$P/dev.jsonl.gz
-{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u; } | tee $OUT/$STEP.log
+{
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -c "import torch, transformers as t; print('torch', torch.__version__, t.__name__, t.__version__)"
+    date -u
+} | tee $OUT/$STEP.log
 run() { echo "+ $*" | tee -a $OUT/$STEP.log; "$@" 2>&1 | grep -v -i warn | tee -a $OUT/$STEP.log; }
 # The MAC shape of issue 9: task prompt 4 + memory 2 tokens per layer, the LM reads the
 # documents with LoRA r16 (MACConfig.amortizer = "lm").
@@ -61,10 +67,14 @@ lm)
     run python3 -m knowstream.models.selfqa --data $DEV --split-file $SPLIT --split eval \
         --max-docs 64 --per-doc 32 --batch 1024 --out /tmp/selfqa-eval64.jsonl.gz --device cuda
     python3 -c "import gzip; open('$OUT/selfqa-eval64-sample.jsonl', 'w').writelines(gzip.open('/tmp/selfqa-eval64.jsonl.gz', 'rt').readlines()[:200])"
-    TASK=""; [ -d /tmp/task/best ] && TASK="--checkpoint /tmp/task/best"
-    run python3 -m knowstream.models.rung0 --data $DEV --split-file $SPLIT --split eval \
-        --selfqa /tmp/selfqa-eval64.jsonl.gz --n-docs 64 --steps ${RUNG0_STEPS:-300} $TASK \
-        --device cuda --out $OUT/rung0.json
+    # RUNG0_CKPT: the checkpoint whose task prompt goes first; RUNG0_PREFIX: prefix lengths.
+    CK=${RUNG0_CKPT:-/tmp/task/best}
+    TASK=""; [ -d $CK ] && TASK="--checkpoint $CK"
+    for PL in ${RUNG0_PREFIX:-2}; do
+        run python3 -m knowstream.models.rung0 --data $DEV --split-file $SPLIT --split eval \
+            --selfqa /tmp/selfqa-eval64.jsonl.gz --n-docs 64 --steps ${RUNG0_STEPS:-300} $TASK \
+            --prefix-len $PL --device cuda --out $OUT/rung0-p$PL.json
+    done
     ;;
 train)
     INIT=/tmp/task/best
@@ -97,7 +107,7 @@ eval)
     run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split eval \
         --checkpoint $CKPT --retrieval .gpu/retrieval-eval.json --device cuda \
         --modes ${EVAL_MODES:-closed_book,task_closed_book,task_gold_passage,mac_gold,mac_wrong,rag@3,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
-        --out $OUT/eval.json
+        ${EVAL_PREDICTIONS:+--predictions} --out $OUT/eval.json
     ;;
 rung1)
     run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train ${RUNG1_N:-6000}

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from knowstream.models.inference import chat_prompts, generate, load_models, passage_prompt
-from knowstream.models.qa_data import load_qa, load_split, select
+from knowstream.models.qa_data import QA, load_qa, load_split, select
 
 QUESTION_INSTRUCTION = (
     "Write one short question about a fact stated in the passage, that the passage answers "
@@ -132,6 +132,13 @@ def self_qa(
     return out
 
 
+def sampled_passages(records: list[QA], n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(doc id, title, text) of ``n`` passages of ``records`` drawn with ``seed`` (0: all,
+    in order): rung 0's passages are the ones ``--max-docs`` drew."""
+    docs = list({r.doc_id: (r.doc_id, r.title, r.text) for r in records}.values())
+    return random.Random(seed).sample(docs, min(n, len(docs))) if n else docs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="SQuAD-format JSONL (.gz ok): its passages")
@@ -149,9 +156,7 @@ def main() -> None:
     records = load_qa(a.data)
     if a.split_file:
         records = select(records, load_split(a.split_file)[a.split])
-    docs = list({r.doc_id: (r.doc_id, r.title, r.text) for r in records}.values())
-    if a.max_docs:
-        docs = random.Random(a.seed).sample(docs, min(a.max_docs, len(docs)))
+    docs = sampled_passages(records, a.max_docs, a.seed)
     lm, tokenizer, _ = load_models(device, encoder=False)
     out = self_qa(lm, tokenizer, docs, a.per_doc, a.batch, a.temperature, a.seed)
     path = Path(a.out)
