@@ -17,7 +17,7 @@
 #              distillation ($TRAIN_ARGS appended); the checkpoint comes back in 3 parts.
 #              TRAIN_FROM=DIR continues from a carried checkpoint instead (chained runs)
 #   eval       evaluate the trained checkpoint (CKPT) on validation + eval articles
-#              (EVAL_PREDICTIONS=1: every answer kept)
+#              (EVAL_PREDICTIONS=1: every answer kept; EVAL_RETRIEVAL: another hits file)
 #   rung1      rung 1: synthetic facts, train + evaluate own vs wrong entry
 #   lm         rung 0: self-questions for 64 eval passages, free distilled prefixes of each
 #              length in RUNG0_PREFIX (default 2), after the task prompt of RUNG0_CKPT
@@ -105,7 +105,7 @@ eval)
         --modes mac_gold,mac_wrong,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3 \
         --out $OUT/validation.json
     run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split eval \
-        --checkpoint $CKPT --retrieval .gpu/retrieval-eval.json --device cuda \
+        --checkpoint $CKPT --retrieval ${EVAL_RETRIEVAL:-.gpu/retrieval-eval.json} --device cuda \
         --modes ${EVAL_MODES:-closed_book,task_closed_book,task_gold_passage,mac_gold,mac_wrong,rag@3,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
         ${EVAL_PREDICTIONS:+--predictions} --out $OUT/eval.json
     ;;
