@@ -17,7 +17,10 @@ carried along:
      ...best first]}}
 
 It also reports the file's ``coverage`` at k = 1, 3, 5; with ``--coverage`` it only
-reads an existing file and reports that.
+reads an existing file and reports that. ``--oracle HITS`` writes a diagnostic file
+instead (``oracle``): each question's gold passage whole as its first hit, then the other
+documents of its top 3 in HITS without text. At @1 the prompt is the gold passage and the
+bank its entry; at @3 the prompt is the same and the bank as retrieval fills it.
 """
 
 from __future__ import annotations
@@ -103,6 +106,18 @@ def coverage(records: list[QA], hits: dict[str, list[tuple[str, str]]], k: int) 
     }
 
 
+def oracle(records: list[QA], hits: dict[str, list[tuple[str, str]]], k: int = 3) -> dict:
+    """A hits file (``retrieve``'s format) whose first hit is each question's gold passage,
+    followed by the other documents of its top ``k`` in ``hits`` as empty chunks."""
+    chunks: list[tuple[str, str]] = []
+    rows: dict[str, list[int]] = {}
+    for r in records:
+        others = [d for d in top_docs(hits[r.question_id], k) if d != r.doc_id][: k - 1]
+        rows[r.question_id] = list(range(len(chunks), len(chunks) + 1 + len(others)))
+        chunks += [(r.doc_id, r.text), *((d, "") for d in others)]
+    return {"top": k, "chunks": chunks, "hits": rows}
+
+
 def coverage_report(
     data: str | Path, split_file: str | Path, split: str, hits_file: str | Path
 ) -> dict[str, dict]:
@@ -137,8 +152,12 @@ def main() -> None:
     p.add_argument("--top", type=int, default=TOP)
     p.add_argument("--out", required=True)
     p.add_argument("--coverage", action="store_true", help="report the hits already in --out")
+    p.add_argument("--oracle", default=None, help="write the oracle of this hits file to --out")
     a = p.parse_args()
-    if not a.coverage:
+    if a.oracle:
+        records = select(load_qa(a.data), load_split(a.split_file)[a.split])
+        Path(a.out).write_text(json.dumps(oracle(records, load_retrieval(a.oracle))))
+    elif not a.coverage:
         n, hit1 = retrieve_split(a.data, a.split_file, a.split, a.out, a.top)
         print(f"{n} questions, top-1 chunk from the gold passage: {hit1:.3f}")
     for at, row in coverage_report(a.data, a.split_file, a.split, a.out).items():

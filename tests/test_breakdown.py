@@ -11,6 +11,7 @@ import pytest
 
 from knowstream.models.breakdown import breakdown, group_of
 from knowstream.models.qa_data import QA
+from knowstream.models.retrieve import oracle, ranked_hits, top_docs
 
 A = QA("a", "Alpha", "Vault Orion opens with 4821.", "Code of vault Orion?", ("4821",), "qa")
 B = QA("b", "Beta", "The Tamsin floods in April.", "When does the Tamsin flood?", ("April",), "qb")
@@ -52,6 +53,18 @@ def test_rows_hold_each_groups_f1_and_paired_difference():
     assert by_group["all"]["mac+rag@3 - mac+rag_wrong@3"]["better"] == pytest.approx(1 / 3)
     assert by_group["entry +answer +top1"]["mac+rag@3 - mac+rag_wrong@3"]["answers_differ"] == 0.0
     assert "task_rag@3 - mac+rag_wrong@3" not in b  # only MAC modes beside their controls
+
+
+def test_oracle_puts_the_gold_passage_first_and_keeps_the_retrieved_bank():
+    hits = {q: ranked(q) for q in HITS}
+    result = ranked_hits(json.loads(json.dumps(oracle([A, B, C], hits, k=3))))
+    assert result["qa"] == [("a", A.text), ("x", ""), ("b", "")]
+    assert result["qc"] == [("c", C.text), ("x", ""), ("a", "")]  # gold first, not retrieved
+    for r in (A, B, C):
+        assert result[r.question_id][0] == (r.doc_id, r.text)  # @1: gold passage, own entry
+        assert set(top_docs(result[r.question_id], 3)) - {r.doc_id} <= set(
+            top_docs(hits[r.question_id], 3)
+        )  # @3: the rest of the bank is what retrieval banked
 
 
 @pytest.fixture
