@@ -1,12 +1,13 @@
 """Where the memory changes answers: an evaluation's F1 by what retrieval gave each question.
 
 Reads an ``eval.json`` written by ``evaluate --predictions`` and the hits file it was
-evaluated with. Each question falls in a group by its top-k hits, as ``@k`` modes serve
-them: the gold document's entry in the bank or not (``entry``), an answer string in the
-prompt's chunks or not (``answer``), and the gold chunk first (``top1``). Per group, then
-for all questions: the mean F1 of every mode, and for each MAC mode beside its control the
-paired difference, how often the two answers differ and how often either scores higher.
-An own entry earns its keep where it beats its control in groups whose gold entry is banked.
+evaluated with; the questions are those it answered. Each question falls in a group by its
+top-k hits, as ``@k`` modes serve them: the gold document's entry in the bank or not
+(``entry``), an answer string in the prompt's chunks or not (``answer``), and the gold
+chunk first (``top1``). Per group, then for all questions: the mean F1 of every mode, and
+for each MAC mode beside its control the paired difference, how often the two answers
+differ and how often either scores higher. An own entry earns its keep where it beats its
+control in groups whose gold entry is banked.
 
 ``--rung0-docs N`` also gives the paired own − wrong F1 on the questions of the N passages
 rung 0 was measured on (``selfqa --max-docs N``, same ``--seed``): rung 2's fraction of
@@ -131,15 +132,20 @@ def main() -> None:
         p.error(f"{a.eval} has no predictions: write it with `evaluate --predictions`")
     predictions = result["predictions"]
     hits = load_retrieval(a.retrieval)
-    records = select(load_qa(a.data), load_split(a.split_file)[a.split])
+    split = select(load_qa(a.data), load_split(a.split_file)[a.split])
+    # Every mode's answers; an `evaluate --n` run answered a sample of the split.
+    answered = set.intersection(*(set(by_id) for by_id in predictions.values()))
+    records = [r for r in split if r.question_id in answered]
+    if not records:
+        p.error(f"{a.eval} answers no question of --split {a.split}")
     missing = [r.question_id for r in records if r.question_id not in hits]
     if missing:
-        p.error(f"{len(missing)} questions of --split have no hits in {a.retrieval}")
+        p.error(f"{len(missing)} answered questions have no hits in {a.retrieval}")
     rows = breakdown(records, predictions, hits, a.k)
     print(markdown(rows))
     out: dict = {"k": a.k, "groups": rows}
     if a.rung0_docs:
-        ids = {d for d, _, _ in sampled_passages(records, a.rung0_docs, a.seed)}
+        ids = {d for d, _, _ in sampled_passages(split, a.rung0_docs, a.seed)}
         sub = [r for r in records if r.doc_id in ids]
         out["rung0_questions"] = {
             f"{m} - {c}": paired_on(sub, predictions, m, c)

@@ -107,6 +107,19 @@ def test_cli_prints_the_table_and_the_rung0_questions(files):
     )
 
 
+def test_cli_reads_the_questions_a_sampled_eval_answered(files):
+    tmp, data, split, hits = files
+    ev = tmp / "eval.json"
+    sampled = {m: {q: a for q, a in by_id.items() if q != "qc"} for m, by_id in PREDICTIONS.items()}
+    ev.write_text(json.dumps({"predictions": sampled}))  # as `evaluate --n 2` keeps them
+    out = tmp / "rows.json"
+    done = run("--eval", str(ev), "--retrieval", str(hits), "--data", str(data),
+               "--split-file", str(split), "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    groups = {g["group"]: g["n"] for g in json.loads(out.read_text())["groups"]}
+    assert groups == {"entry +answer +top1": 1, "entry +answer": 1, "all": 2}
+
+
 def test_cli_without_predictions_fails_in_one_line(files):
     tmp, data, split, hits = files
     ev = tmp / "eval.json"
