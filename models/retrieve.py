@@ -90,15 +90,20 @@ def top_docs(hits: list[tuple[str, str]], k: int) -> list[str]:
     return list(dict.fromkeys(doc for doc, _ in hits))[:k]
 
 
+def shown(record: QA, hits: list[tuple[str, str]], k: int) -> tuple[bool, bool]:
+    """What an ``@k`` mode shows for one question's ranked hits: its gold document's entry
+    in the bank, and an answer string in the prompt's chunks."""
+    entry = record.doc_id in top_docs(hits, k)
+    answer = any(a in text for _, text in hits[:k] for a in record.answers)
+    return entry, answer
+
+
 def coverage(records: list[QA], hits: dict[str, list[tuple[str, str]]], k: int) -> dict:
     """Fractions of questions whose top-k hits hold, as ``@k`` modes serve them: the gold
     document among the bank's k documents (``gold_entry``), an answer string in the prompt's
     k chunks (``answer_in_prompt``), and the first without the second (``entry_only``): the
     only questions where the own entry can add an answer the prompt lacks."""
-    entry = np.array([r.doc_id in top_docs(hits[r.question_id], k) for r in records])
-    prompt = np.array(
-        [any(a in t for _, t in hits[r.question_id][:k] for a in r.answers) for r in records]
-    )
+    entry, prompt = np.array([shown(r, hits[r.question_id], k) for r in records]).T
     return {
         "gold_entry": float(entry.mean()),
         "answer_in_prompt": float(prompt.mean()),

