@@ -126,6 +126,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="rung 0's selfqa seed")
     p.add_argument("--out", default=None, help="also write the rows as JSON")
     a = p.parse_args()
+    for flag, path in (("--eval", a.eval), ("--retrieval", a.retrieval), ("--data", a.data)):
+        if not Path(path).is_file():
+            p.error(f"{flag} {path}: no such file")
     result = json.loads(Path(a.eval).read_text())
     if "predictions" not in result:
         p.error(f"{a.eval} has no predictions: write it with `evaluate --predictions`")

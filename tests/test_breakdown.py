@@ -129,3 +129,12 @@ def test_cli_without_predictions_fails_in_one_line(files):
     assert done.returncode == 2
     assert "has no predictions" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_with_a_missing_file_fails_in_one_line(files):
+    tmp, data, split, hits = files
+    done = run("--eval", str(tmp / "none.json"), "--retrieval", str(hits), "--data", str(data),
+               "--split-file", str(split))  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith("none.json: no such file")
+    assert "Traceback" not in done.stderr
