@@ -14,6 +14,8 @@ top-k retrieval hits of ``models/retrieve.py`` (pipeline chunker + embedder):
 * ``mac@k``: the question alone, prefix aggregated over the entries of the top-k
   retrieved documents (k distinct documents).
 * ``mac+rag@k``: both: retrieved chunks in the prompt and the MAC prefix.
+* ``mac+rag_gold@k``: a diagnostic: the retrieved chunks of ``rag@k``, the gold passage's
+  entry alone (what a selector that always picks the right entry would give).
 * ``task_closed_book`` / ``task_gold_passage`` / ``task_rag@k``: the same as the
   modes without ``task_``, after the checkpoint's shared task prompt (its
   ``task_len`` learned prefix tokens; the MAC modes always include it). These are
@@ -53,6 +55,7 @@ from knowstream.models.inference import (
     chat_prompts,
     generate,
     load_models,
+    memory_mask,
     passage_prompt,
     prefix_cache,
     task_cache,
@@ -70,6 +73,7 @@ BASE_MODES = (
     "mac",
     "mac+rag",
     "mac+rag_wrong",
+    "mac+rag_gold",
     "task_closed_book",
     "task_gold_passage",
     "task_rag",
@@ -79,11 +83,17 @@ RETRIEVAL_MODES = (
     "mac",
     "mac+rag",
     "mac+rag_wrong",
+    "mac+rag_gold",
     "task_rag",
 )  # need @k; mac_wrong takes it too
 RETENTION_FRACTIONS = (0.1, 0.5, 1.0)  # of the stream in memory
 # mode -> its wrong-passage control (at the same k)
-CONTROL = {"mac_gold": "mac_wrong", "mac": "mac_wrong", "mac+rag": "mac+rag_wrong"}
+CONTROL = {
+    "mac_gold": "mac_wrong",
+    "mac": "mac_wrong",
+    "mac+rag": "mac+rag_wrong",
+    "mac+rag_gold": "mac+rag_wrong",
+}
 MODES = (  # the rows of EVAL.md, each MAC row next to its control
     "closed_book",
     "gold_passage",
@@ -229,7 +239,7 @@ def run_mode(
         batch = records[start : start + ctx.batch_size]
         if name == "gold_passage":
             contents = [passage_prompt(r.text, r.question) for r in batch]
-        elif name in ("rag", "mac+rag", "mac+rag_wrong"):
+        elif name in ("rag", "mac+rag", "mac+rag_wrong", "mac+rag_gold"):
             contents = [
                 passage_prompt("\n\n".join(t for _, t in ctx.hits(r, allowed)[:k]), r.question)
                 for r in batch
@@ -237,11 +247,11 @@ def run_mode(
         else:
             contents = [r.question for r in batch]
         prompts = chat_prompts(ctx.tokenizer, contents)
-        cache, P = None, 0
+        cache, P, real = None, 0, None
         if task:
             cache, P = task_cache(ctx.mac, len(batch), ctx.lm.dtype)
         if name.startswith("mac"):
-            if name == "mac_gold":
+            if name in ("mac_gold", "mac+rag_gold"):
                 docs = [[r.doc_id] for r in batch]
             elif name in ("mac", "mac+rag"):
                 docs = [top_docs(ctx.hits(r, allowed), k) for r in batch]
@@ -252,8 +262,10 @@ def run_mode(
                 q_states, q_mask = ctx.encoder.encode([r.question for r in batch])
                 summary = ctx.mac.aggregator(q_states, q_mask, bank, mask)
                 cache = prefix_cache(ctx.mac, summary, ctx.lm.dtype)
-            P = ctx.mac.config.prefix_len
-        preds += generate(ctx.lm, ctx.tokenizer, prompts, cache, P, max_new_tokens)
+            P, real = ctx.mac.config.prefix_len, memory_mask(ctx.mac, mask)
+        preds += generate(
+            ctx.lm, ctx.tokenizer, prompts, cache, P, max_new_tokens, prefix_mask=real
+        )
         if ctx.on_batch:
             ctx.on_batch(mode, len(preds), len(records))
     return preds
@@ -331,12 +343,15 @@ def evaluate(
     retention_modes: tuple[str, ...] | list[str] = (),
     on_batch: Callable[[str, int, int], None] | None = None,
     keep_predictions: bool = False,
+    select_top: int | None = None,
+    bank_mode: str | None = None,
 ) -> dict:
     """EM/F1 (percent) with 95% bootstrap intervals for each mode on the questions
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
     ``models`` may pass preloaded ``(lm, tokenizer, encoder)``; ``retrieval`` is a
     file of ``models/retrieve.py`` for the @k modes (computed here when not given).
-    ``keep_predictions`` adds every answer: ``predictions[mode][question_id]``."""
+    ``keep_predictions`` adds every answer: ``predictions[mode][question_id]``;
+    ``select_top`` and ``bank_mode`` override the checkpoint's ``MACConfig`` fields."""
     for mode in [*modes, *retention_modes]:
         parse_mode(mode)  # fail before loading anything
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -351,6 +366,13 @@ def evaluate(
     if needs_mac and checkpoint is None:
         raise ValueError("MAC modes need a checkpoint")
     mac = MAC.load(checkpoint, device) if needs_mac and checkpoint is not None else None
+    if mac is not None and (select_top is not None or bank_mode is not None):
+        if mac.config.amortizer != "lm":
+            raise ValueError("--select-top and --bank-mode are options of the 'lm' amortizer")
+        if bank_mode not in (None, "mean", "concat"):
+            raise ValueError(f"--bank-mode must be mean or concat, not {bank_mode!r}")
+        mac.config.select_top = mac.config.select_top if select_top is None else select_top
+        mac.config.bank_mode = bank_mode or mac.config.bank_mode
     if mac is not None and not mac.config.task_len:  # no task prompt: no task_ rows
         modes = [m for m in modes if not m.startswith("task_")]
     hits = None
@@ -366,6 +388,8 @@ def evaluate(
         "n_articles": len({r.title for r in records}),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "mac_version": mac.version if mac else None,
+        "select_top": mac.config.select_top if mac else None,
+        "bank_mode": mac.config.bank_mode if mac else None,
         "device": torch.cuda.get_device_name(0) if lm.device.type == "cuda" else "cpu",
         "rows": {},
         "examples": {},
@@ -415,6 +439,8 @@ def main() -> None:
     p.add_argument("--retention-modes", default="", help=f"e.g. {','.join(RETENTION_MODES)}")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--predictions", action="store_true", help="keep every answer in --out")
+    p.add_argument("--select-top", type=int, default=None, help="entries the selector weighs")
+    p.add_argument("--bank-mode", default=None, choices=["mean", "concat"])
     a = p.parse_args()
     res = evaluate(
         a.data,
@@ -429,6 +455,8 @@ def main() -> None:
         retrieval=a.retrieval,
         retention_modes=[m for m in a.retention_modes.split(",") if m],
         keep_predictions=a.predictions,
+        select_top=a.select_top,
+        bank_mode=a.bank_mode,
     )
     text = json.dumps(res, indent=1)
     if a.out:

@@ -55,6 +55,16 @@ def prefix_cache(mac: MAC, summary: Tensor, dtype: torch.dtype) -> DynamicCache:
     return DynamicCache([(k.to(dtype), v.to(dtype)) for k, v in pairs])
 
 
+def memory_mask(mac: MAC, bank_mask: Tensor | None) -> Tensor | None:
+    """The real tokens (B, cache length) of ``prefix_cache``'s cache for a bank with
+    ``bank_mask`` (B, N): None (all real) unless "concat" entries include padding."""
+    c = mac.config
+    if c.bank_mode != "concat" or bank_mask is None:
+        return None
+    task = bank_mask.new_ones(bank_mask.shape[0], c.task_len)
+    return torch.cat([task, bank_mask.repeat_interleave(c.mem_len, 1)], 1)
+
+
 def task_cache(mac: MAC | None, B: int, dtype: torch.dtype) -> tuple[DynamicCache | None, int]:
     """The shared task prompt alone as an LM cache, and its length (None, 0 without one)."""
     if mac is None or not mac.config.task_len:
@@ -76,21 +86,24 @@ def generate(
     max_new_tokens: int = 24,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    prefix_mask: Tensor | None = None,
 ) -> list[str]:
-    """Greedy continuations of left-padded prompts after an optional prefix cache of
-    length P (the prompt at positions P, P+1, ... as in training); with
-    ``temperature`` > 0, sampled at that temperature instead."""
+    """Greedy continuations of left-padded prompts after an optional prefix cache, the
+    prompt at positions P, P+1, ... as in training; with ``temperature`` > 0, sampled at
+    that temperature instead. The cache may hold more than P tokens (concatenated
+    entries); ``prefix_mask`` (B, cache length) marks its real ones (default: all)."""
     dev = lm.device
     B, L = len(prompts), max(len(p) for p in prompts)
+    C = cache.get_seq_length() if cache is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((B, L), pad, dtype=torch.long)
-    mask = torch.zeros(B, P + L, dtype=torch.long)
-    mask[:, :P] = 1
+    mask = torch.zeros(B, C + L, dtype=torch.long)
+    mask[:, :C] = 1 if prefix_mask is None else prefix_mask.long().cpu()
     for i, p in enumerate(prompts):
         ids[i, L - len(p) :] = torch.tensor(p)
-        mask[i, P + L - len(p) :] = 1
+        mask[i, C + L - len(p) :] = 1
     ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, P:]
+    pos = (P + mask[:, C:].cumsum(1) - 1).clamp(min=0)
     if cache is None:
         cache = DynamicCache()
     # Any special token ends an answer, not only the EOS (<|im_end|>): the model sometimes

@@ -78,6 +78,8 @@ class MACConfig:
     lm_lora_alpha: float = 32.0  # "lm": LoRA scale alpha / rank
     lm_ffn: int = 1536  # "lm": the LM's MLP width (LoRA shapes)
     max_doc_tokens: int = 1024  # "lm": a longer document is read up to this many LM tokens
+    select_top: int = 0  # "lm", "mean": the selector weighs only its top entries (0 = all)
+    bank_mode: str = "mean"  # "lm": "mean" of the entries by the selector, or "concat" them
     seed: int = 0  # seed of the initial weights: untrained models are identical across processes
 
     @property
@@ -522,6 +524,12 @@ class EntrySelector(nn.Module):
     the question's and each document's MiniLM embedding, which starts as their cosine
     similarity (the retriever's ranking) at temperature 1/20. With one entry it is that
     entry exactly, so own vs wrong entry measures what an entry carries, nothing else.
+    With ``select_top`` = m > 0 only the m best-scoring entries get weight: a mean of
+    several documents' key/values is not any one document's memory.
+
+    ``bank_mode = "concat"`` weighs nothing: every entry's memory tokens go into the prefix
+    side by side, (B, N, n_prefix, kv_width) with padding entries zeroed, and the frozen
+    LM's own attention reads among them as it reads among passages in its prompt.
     """
 
     def __init__(self, c: MACConfig) -> None:
@@ -538,6 +546,10 @@ class EntrySelector(nn.Module):
         """Question states (B, Lq, d_enc) + mask, bank (B, N, *entry_shape) + mask (B, N)."""
         B, N, R, W = bank.shape
         k = self.c.key_rows
+        if self.c.bank_mode == "concat":
+            if bank_mask is None:
+                return bank[:, :, : R - k]
+            return bank[:, :, : R - k] * bank_mask[:, :, None, None].to(bank.dtype)
         with torch.autocast(bank.device.type, enabled=False):  # the weights in float32
             q = sentence_embedding(q_states.float(), q_mask)
             q = F.normalize(self.proj(q.to(self.proj.weight.dtype)).float(), dim=-1)  # (B, d_enc)
@@ -545,6 +557,10 @@ class EntrySelector(nn.Module):
             scores = self.log_scale.exp().float() * torch.einsum("bd,bnd->bn", q, keys)
             if bank_mask is not None:
                 scores = scores.masked_fill(~bank_mask, float("-inf"))
+            if 0 < self.c.select_top < N:
+                kept = scores.topk(self.c.select_top, -1).indices
+                top = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, kept, True)
+                scores = scores.masked_fill(~top, float("-inf"))
             weights = torch.softmax(scores, -1).nan_to_num(0.0)  # no entry at all: zeros
         return torch.einsum("bn,bnrw->brw", weights.to(bank.dtype), bank[:, :, : R - k])
 
@@ -667,14 +683,17 @@ class Expansion(nn.Module):
 
     def key_values(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         """One (key, value) pair per LM layer, each (B, n_kv_heads, P, head_dim): the
-        task prompt's task_len tokens, then mem_len tokens made from ``x``."""
+        task prompt's task_len tokens, then mem_len tokens made from ``x``; for "concat"
+        entries x (B, N, n_prefix, kv_width), N * mem_len tokens, entry after entry."""
         c = self.c
         B = x.shape[0]
         if c.amortizer != "lm":
             z = self.mix(self.proj(x).transpose(1, 2)).transpose(1, 2)  # (B, 2L*mem_len, kv_width)
             x = self.head(z)
-        kv = x.view(B, c.n_layers_lm, 2, c.mem_len, c.n_kv_heads, c.head_dim)
-        kv = kv.permute(1, 2, 0, 4, 3, 5)  # (L, 2, B, heads, mem_len, head_dim)
+        N = x.shape[1] if x.dim() == 4 else 1
+        kv = x.reshape(B, N, c.n_layers_lm, 2, c.mem_len, c.n_kv_heads, c.head_dim)
+        kv = kv.permute(2, 3, 0, 5, 1, 4, 6)  # (L, 2, B, heads, N, mem_len, head_dim)
+        kv = kv.reshape(c.n_layers_lm, 2, B, c.n_kv_heads, N * c.mem_len, c.head_dim)
         if self.task is None:
             return [(layer[0], layer[1]) for layer in kv]
         task = self.task_key_values(B)
@@ -708,8 +727,12 @@ class MAC(nn.Module):
             self.amortizer: Amortizer | LMAmortizer
             self.aggregator: Aggregator | EntrySelector
             if config.amortizer == "lm":
+                if config.bank_mode not in ("mean", "concat"):
+                    raise ValueError(f"bank_mode: 'mean' or 'concat', not {config.bank_mode!r}")
                 self.amortizer, self.aggregator = LMAmortizer(config), EntrySelector(config)
             elif config.amortizer == "reader":
+                if config.select_top or config.bank_mode != "mean":
+                    raise ValueError("select_top and bank_mode are options of the 'lm' amortizer")
                 self.amortizer = Amortizer(config, config.amortizer_layers, encoder_lora=True)
                 self.aggregator = Aggregator(config)
             else:
@@ -740,12 +763,17 @@ class MAC(nn.Module):
 
     @property
     def version(self) -> str:
-        """``mac-`` + 12 hex digits of sha256 over the weights (keys sorted):
-        equal weights give equal versions in any process."""
+        """``mac-`` + 12 hex digits of sha256 over the weights (keys sorted) and the
+        options that change answers without changing weights: equal weights and options
+        give equal versions in any process."""
         h = hashlib.sha256()
         for name, t in sorted(self.trainable_state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        # An option at its default adds nothing: checkpoints saved before it keep their version.
+        for option, default in (("select_top", 0), ("bank_mode", "mean")):
+            if (value := getattr(self.config, option)) != default:
+                h.update(f"{option}={value}".encode())
         return "mac-" + h.hexdigest()[:12]
 
     def save(self, path: str | Path) -> None:

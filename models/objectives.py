@@ -20,12 +20,18 @@ def answer_ids(tokenizer, answers: list[str], max_tokens: int) -> list[list[int]
 
 
 def answer_logits(
-    lm, prompts: list[list[int]], answers: list[list[int]], cache: DynamicCache | None, P: int
+    lm,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    cache: DynamicCache | None,
+    P: int,
+    prefix_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Logits (n_tok, V) where each answer token is predicted, their targets (n_tok,) and
     the question each belongs to (n_tok,), in batch-then-position order: equal answers
     give aligned rows whatever the prompts. Right-padded; the prompt sits at positions
-    P, P+1, ... after a prefix of length P, as in ``answer``."""
+    P, P+1, ... after a prefix of length P, as in ``answer``; the cache may hold more
+    tokens than P (concatenated entries), ``prefix_mask`` (B, cache length) its real ones."""
     dev = lm.device
     seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
     B, L = len(seqs), max(len(s) for s in seqs)
@@ -38,7 +44,9 @@ def answer_logits(
         mask[i, : len(s)] = 1
         target[i, len(p) - 1 : len(s) - 1] = torch.tensor(a)
     ids, mask, target = ids.to(dev), mask.to(dev), target.to(dev)
-    full_mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=dev), mask], 1)
+    C = cache.get_seq_length() if cache is not None else 0
+    real = torch.ones(B, C, dtype=torch.long, device=dev) if prefix_mask is None else prefix_mask
+    full_mask = torch.cat([real.long().to(dev), mask], 1)
     pos = (P + torch.arange(L, device=dev)).expand(B, L)
     h = lm.model(
         input_ids=ids, attention_mask=full_mask, position_ids=pos, **with_cache(lm.model, cache)
@@ -57,10 +65,15 @@ def per_question(tok_values: Tensor, rows: Tensor, B: int) -> Tensor:
 
 
 def answer_nll(
-    lm, prompts: list[list[int]], answers: list[list[int]], cache: DynamicCache | None, P: int
+    lm,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    cache: DynamicCache | None,
+    P: int,
+    prefix_mask: Tensor | None = None,
 ) -> Tensor:
     """Per-question mean NLL of the answer tokens after prompt (and prefix of length P)."""
-    logits, target, rows = answer_logits(lm, prompts, answers, cache, P)
+    logits, target, rows = answer_logits(lm, prompts, answers, cache, P, prefix_mask)
     return per_question(F.cross_entropy(logits, target, reduction="none"), rows, len(prompts))
 
 

@@ -19,7 +19,9 @@
 #              distillation ($TRAIN_ARGS appended); the checkpoint comes back in 3 parts.
 #              TRAIN_FROM=DIR continues from a carried checkpoint instead (chained runs)
 #   eval       evaluate the trained checkpoint (CKPT) on validation + eval articles
-#              (EVAL_PREDICTIONS=1: every answer kept; EVAL_RETRIEVAL: another hits file)
+#              (EVAL_PREDICTIONS=1: every answer kept; EVAL_RETRIEVAL: another hits file;
+#              EVAL_VALIDATION=1 [EVAL_VALIDATION_MODES]: validation too, EVAL_SKIP_EVAL=1:
+#              only it; EVAL_ARGS: more evaluate options; EVAL_TAG: suffix of the JSON names)
 #   rung1      rung 1: synthetic facts, train + evaluate own vs wrong entry
 #   lm         rung 0: self-questions for 64 eval passages, free distilled prefixes of each
 #              length in RUNG0_PREFIX (default 2), after the task prompt of RUNG0_CKPT
@@ -141,12 +143,13 @@ eval)
     [ -n "${EVAL_VALIDATION:-}" ] && run python3 -m knowstream.models.evaluate --data $DEV \
         --split-file $SPLIT --split validation --checkpoint $CKPT \
         --retrieval .gpu/retrieval-validation.json --device cuda \
-        --modes mac_gold,mac_wrong,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3 \
-        --out $OUT/validation.json
-    run python3 -m knowstream.models.evaluate --data $DEV --split-file $SPLIT --split eval \
+        --modes ${EVAL_VALIDATION_MODES:-mac_gold,mac_wrong,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
+        ${EVAL_ARGS:-} --out $OUT/validation${EVAL_TAG:-}.json
+    [ -n "${EVAL_SKIP_EVAL:-}" ] || run python3 -m knowstream.models.evaluate --data $DEV \
+        --split-file $SPLIT --split eval \
         --checkpoint $CKPT --retrieval ${EVAL_RETRIEVAL:-.gpu/retrieval-eval.json} --device cuda \
         --modes ${EVAL_MODES:-closed_book,task_closed_book,task_gold_passage,mac_gold,mac_wrong,rag@3,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
-        ${EVAL_PREDICTIONS:+--predictions} --out $OUT/eval.json
+        ${EVAL_PREDICTIONS:+--predictions} ${EVAL_ARGS:-} --out $OUT/eval${EVAL_TAG:-}.json
     ;;
 rung1)
     run python3 -m knowstream.models.synthetic --out-dir /tmp/synth --n-train ${RUNG1_N:-6000}

@@ -63,6 +63,7 @@ from torch import Tensor
 from knowstream.models.inference import (
     chat_prompts,
     load_models,
+    memory_mask,
     passage_prompt,
     prefix_cache,
     task_cache,
@@ -139,10 +140,12 @@ class TrainConfig:
     token_hidden: int = 16
     encoder_lora_rank: int = 0  # LoRA on the document encoder (0 = frozen encoder)
     dropout: float = 0.1  # dropout inside the MAC networks
+    bank_mode: str = ""  # "lm": "mean" or "concat" entries ("" = MACConfig's, or --init_from's)
 
     def mac_config(self) -> MACConfig:
         names = {f.name for f in fields(MACConfig)}
-        return MACConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        given = {k: v for k, v in asdict(self).items() if k in names and v != ""}
+        return MACConfig(**given)
 
 
 def parse_overrides(argv: list[str], config: TrainConfig) -> TrainConfig:
@@ -173,7 +176,8 @@ def mac_cache(mac: MAC, lm, encoder, questions: list[str], bank: Tensor, bank_ma
 def mac_nll(mac, lm, encoder, tokenizer, questions, prompts, answers, bank, bank_mask=None):
     """Per-question answer NLL with the prefix aggregated from ``bank`` (B, N, T, d)."""
     cache = mac_cache(mac, lm, encoder, questions, bank, bank_mask)
-    return answer_nll(lm, prompts, answers, cache, mac.config.prefix_len)
+    real = memory_mask(mac, bank_mask)
+    return answer_nll(lm, prompts, answers, cache, mac.config.prefix_len, real)
 
 
 # ----------------------------------------------------------------------------- data
@@ -385,7 +389,8 @@ def step_losses(mac, lm, tokenizer, encoder, data: Batches, batch, size, cfg):
         bank, bank_mask = mixed_bank(entries, owner, size, contexts)
         cache = mac_cache(mac, lm, encoder, [r.question for r in recs], bank, bank_mask)
         prompts = data.student_prompts(flat, contexts)
-        s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
+        real = memory_mask(mac, bank_mask)
+        s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len, real)
         s_nll = per_question(F.cross_entropy(s_logits, target, reduction="none"), rows, B)
         out["gold_nll"] = (s_nll * gold).sum() / gold.sum().clamp(min=1)
         kl = kl_per_token(t_logits.detach(), s_logits)
@@ -498,7 +503,9 @@ def validate(mac, lm, encoder, tokenizer, val: Batches, ctx, cfg: TrainConfig) -
                 bank, mask = padded_bank(entries, [[pos[d] for d in b] for b in banks])
                 cache = mac_cache(mac, lm, encoder, questions, bank, mask)
                 prompts = val.student_prompts(idx, contexts)
-                s_logits, _, _ = answer_logits(lm, prompts, answers, cache, mac.config.prefix_len)
+                real = memory_mask(mac, mask)
+                P = mac.config.prefix_len
+                s_logits, _, _ = answer_logits(lm, prompts, answers, cache, P, real)
                 tok = F.cross_entropy(s_logits, target, reduction="none")
                 totals[name] += float(per_question(tok, rows, len(idx)).sum())
                 kd = per_question(kl_per_token(t_logits, s_logits), rows, len(idx))
@@ -663,6 +670,8 @@ def main(argv: list[str]) -> None:
     )
     if cfg.init_from:
         mac = MAC.load(cfg.init_from, cfg.device)  # its own MACConfig (dropout included)
+        if cfg.bank_mode:
+            mac.config.bank_mode = cfg.bank_mode
     else:
         mac = MAC.init(cfg.mac_config()).to(cfg.device)
     print(f"{len(records)} train / {len(val_records)} val questions on {cfg.device}", flush=True)

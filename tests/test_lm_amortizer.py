@@ -4,12 +4,19 @@ Real models on CPU, short texts; the LM loads once for the module."""
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
 from knowstream.models.encoder import load_encoder
-from knowstream.models.inference import bundled_checkpoint, chat_prompts, load_models, prefix_cache
+from knowstream.models.inference import (
+    bundled_checkpoint,
+    chat_prompts,
+    load_models,
+    memory_mask,
+    prefix_cache,
+)
 from knowstream.models.mac import MAC, MACConfig
 from knowstream.models.objectives import answer_ids, answer_nll
 
@@ -161,6 +168,68 @@ def test_untrained_selector_favours_the_document_the_question_is_about(mac, enco
     assert (w_paris > 0.95).all()
     w_vault = mac.aggregator(*encoder.encode(["Who sealed the vault door?"]), bank)
     assert (w_vault < 0.05).all()
+
+
+@torch.no_grad()
+def test_select_top_one_is_the_best_scoring_entry_alone(encoder, entries):
+    top1 = MAC.init(replace(C, select_top=1))  # seeded: the same weights as the fixture's
+    q = encoder.encode([QUESTION])
+    assert torch.equal(top1.aggregator(*q, entries[None, :2]), entries[None, 0, : C.n_prefix])
+    mean = MAC.init(C).aggregator(*q, entries[None, :2])
+    assert not torch.equal(mean, entries[None, 0, : C.n_prefix])  # a blend of both
+    masked = top1.aggregator(*q, entries[None, :2], torch.tensor([[False, True]]))
+    assert torch.equal(masked, entries[None, 1, : C.n_prefix])  # padding is never picked
+
+
+@torch.no_grad()
+def test_concat_prefix_holds_every_entry_after_the_task_prompt(mac, encoder, entries):
+    concat = MAC.init(replace(C, bank_mode="concat"))
+    summary = concat.aggregator(*encoder.encode([QUESTION]), entries[None, :2])
+    pairs = concat.expansion.key_values(summary)
+    t, m = C.task_len, C.mem_len
+    alone = [memory_kv(mac, entries[i : i + 1, : C.n_prefix]) for i in range(2)]
+    task = mac.expansion.key_values(entries[:1, : C.n_prefix])
+    for layer, (k, v) in enumerate(pairs):
+        assert k.shape == (1, C.n_kv_heads, t + 2 * m, C.head_dim)
+        assert torch.equal(k[:, :, :t], task[layer][0][:, :, :t])
+        for i in range(2):
+            assert torch.equal(k[:, :, t + i * m : t + (i + 1) * m], alone[i][layer][0])
+            assert torch.equal(v[:, :, t + i * m : t + (i + 1) * m], alone[i][layer][1])
+
+
+@torch.no_grad()
+def test_concat_padding_entry_is_masked_out_of_the_lm(lm, encoder, entries):
+    model, tokenizer = lm
+    concat = MAC.init(replace(C, bank_mode="concat"))
+    q = encoder.encode([QUESTION])
+    prompts = chat_prompts(tokenizer, [QUESTION])
+    answer = answer_ids(tokenizer, ["Paris"], 8)
+
+    def nll(bank: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        cache = prefix_cache(concat, concat.aggregator(*q, bank, mask), model.dtype)
+        real = memory_mask(concat, mask)
+        return answer_nll(model, prompts, answer, cache, C.prefix_len, real)
+
+    ref = nll(entries[None, :2], None)
+    padded = torch.cat([entries[None, :1], 1e3 * entries[None, 2:], entries[None, 1:2]], 1)
+    mask = torch.tensor([[True, False, True]])
+    assert memory_mask(concat, mask).tolist() == [
+        [True] * C.task_len + [True, True, False, False, True, True]
+    ]
+    torch.testing.assert_close(nll(padded, mask), ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(nll(padded, torch.ones_like(mask)), ref, atol=1e-3)
+
+
+def test_selector_options_are_checked_and_part_of_the_version():
+    for bad in (replace(C, amortizer="reader", select_top=1), replace(C, bank_mode="sum")):
+        with pytest.raises(ValueError):
+            MAC.init(bad)
+    # Same weights (seeded), other answers: another version; the defaults change nothing.
+    versions = {
+        MAC.init(replace(C, **o)).version for o in ({}, {"select_top": 1}, {"bank_mode": "concat"})
+    }
+    assert len(versions) == 3
+    assert MAC.init(replace(C, select_top=0)).version == MAC.init(C).version
 
 
 def test_answer_nll_reaches_lora_memory_selector_and_task(lm, encoder):

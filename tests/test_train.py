@@ -258,6 +258,12 @@ def test_modes_parse_and_pair_with_their_controls():
     assert pairs["mac@3 - mac_wrong@3"]["mean"] == pytest.approx(1.0)
     assert pairs["mac+rag@3 - rag@3"]["mean"] == pytest.approx(30.0)
     assert "mac+rag@3 - mac+rag_wrong@3" not in pairs  # its control was not run
+    assert parse_mode("mac+rag_gold@3") == ("mac+rag_gold", 3)
+    with pytest.raises(ValueError):
+        parse_mode("mac+rag_gold")  # it reads retrieved chunks: it needs @k
+    per_q = {"mac+rag_gold@3": np.full(4, 7.0), "mac+rag_wrong@3": np.full(4, 4.0)}
+    pairs = comparisons(per_q, seed=0)
+    assert pairs["mac+rag_gold@3 - mac+rag_wrong@3"]["mean"] == pytest.approx(3.0)
 
 
 def test_retrieval_ranks_pipeline_chunks_of_the_split():
