@@ -61,13 +61,6 @@ def embeddings(records: list[QA], cache: str = "") -> tuple[list[str], np.ndarra
     return ids, D, Q
 
 
-def selector_scores(sel: EntrySelector, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``EntrySelector``'s scores of question embeddings q (B, 384) over the L2-normalized
-    keys (B, N, 384) of their banks: (B, N)."""
-    qp = F.normalize(sel.proj(q), dim=-1)
-    return sel.log_scale.exp() * torch.einsum("bd,bnd->bn", qp, keys)
-
-
 class ArticleBanks:
     """Each question's candidates: every passage of its article, own passage's index."""
 
@@ -107,7 +100,7 @@ def served_accuracy(
         if r.doc_id not in bank:
             continue
         keys = torch.from_numpy(np.stack([D[d] for d in bank]))[None]
-        w = selector_scores(sel, torch.from_numpy(q)[None], keys).softmax(-1)[0]
+        w = sel.scores(torch.from_numpy(q)[None], keys).softmax(-1)[0]
         gold = bank.index(r.doc_id)
         picked += int(w.argmax()) == gold
         first += gold == 0
@@ -171,7 +164,7 @@ def main() -> None:
         total = 0.0
         for start in range(0, len(order), a.batch):
             b = order[start : start + a.batch]
-            scores = selector_scores(sel, Qt[b], Dt[banks.cand[b]])
+            scores = sel.scores(Qt[b], Dt[banks.cand[b]])
             scores = scores.masked_fill(~banks.mask[b], float("-inf"))
             loss = F.cross_entropy(scores, banks.target[b])
             opt.zero_grad()

@@ -540,6 +540,12 @@ class EntrySelector(nn.Module):
         nn.init.zeros_(self.proj.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
 
+    def scores(self, q: Tensor, keys: Tensor) -> Tensor:
+        """Selection logits (B, N) of questions' sentence embeddings q (B, d_enc) over
+        their banks' L2-normalized document embeddings ``keys`` (B, N, d_enc), in float32."""
+        q = F.normalize(self.proj(q.to(self.proj.weight.dtype)).float(), dim=-1)
+        return self.log_scale.exp().float() * torch.einsum("bd,bnd->bn", q, keys.float())
+
     def forward(
         self, q_states: Tensor, q_mask: Tensor, bank: Tensor, bank_mask: Tensor | None = None
     ) -> Tensor:
@@ -552,9 +558,8 @@ class EntrySelector(nn.Module):
             return bank[:, :, : R - k] * bank_mask[:, :, None, None].to(bank.dtype)
         with torch.autocast(bank.device.type, enabled=False):  # the weights in float32
             q = sentence_embedding(q_states.float(), q_mask)
-            q = F.normalize(self.proj(q.to(self.proj.weight.dtype)).float(), dim=-1)  # (B, d_enc)
             keys = F.normalize(bank[:, :, R - k :].reshape(B, N, k * W).float(), dim=-1)
-            scores = self.log_scale.exp().float() * torch.einsum("bd,bnd->bn", q, keys)
+            scores = self.scores(q, keys)
             if bank_mask is not None:
                 scores = scores.masked_fill(~bank_mask, float("-inf"))
             if 0 < self.c.select_top < N:
