@@ -24,6 +24,9 @@ top-k retrieval hits of ``models/retrieve.py`` (pipeline chunker + embedder):
   with the entries of 1 / k random *other* passages (seeded; other articles'
   whenever there are enough). Every MAC mode minus its control, and MAC+RAG
   minus RAG, is reported as a paired bootstrap interval (``paired_f1``).
+* ``--bank-select lm``: the @k modes' banks (and their controls') hold one entry, of the
+  document after which the frozen LM finds the question likeliest (``models/rerank.py``),
+  instead of every top-k document's.
 * Retention (``--retention-modes``): F1 on the questions about the first 10% of
   the documents streamed (file order), with 10%, 50% and 100% of them in memory.
 
@@ -62,6 +65,7 @@ from knowstream.models.inference import (
 )
 from knowstream.models.mac import MAC
 from knowstream.models.qa_data import QA, load_qa, load_split, passages, select
+from knowstream.models.rerank import best_documents
 from knowstream.models.retrieve import coverage, load_retrieval, ranked_hits, retrieve, top_docs
 
 BASE_MODES = (
@@ -187,6 +191,7 @@ class Context:
     def __init__(self, records, lm, tokenizer, encoder, mac, retrieval, batch_size, seed):
         self.lm, self.tokenizer, self.encoder, self.mac = lm, tokenizer, encoder, mac
         self.retrieval, self.batch_size, self.seed = retrieval, batch_size, seed
+        self.bank_select = "all"  # or "lm": bank the LM's best-scored document only
         self.on_batch: Callable[[str, int, int], None] | None = None  # (mode, done, total)
         self.texts = passages(records)
         self.entries: dict[str, torch.Tensor] = {}
@@ -257,6 +262,11 @@ def run_mode(
                 docs = [top_docs(ctx.hits(r, allowed), k) for r in batch]
             else:
                 docs = wrong[start : start + len(batch)]
+            if ctx.bank_select == "lm" and name not in ("mac_gold", "mac+rag_gold"):
+                questions = [r.question for r in batch]
+                docs = [
+                    [d] for d in best_documents(ctx.lm, ctx.tokenizer, questions, docs, ctx.texts)
+                ]
             with ctx.autocast():
                 bank, mask = ctx.bank(docs)
                 q_states, q_mask = ctx.encoder.encode([r.question for r in batch])
@@ -345,15 +355,19 @@ def evaluate(
     keep_predictions: bool = False,
     select_top: int | None = None,
     bank_mode: str | None = None,
+    bank_select: str = "all",
 ) -> dict:
     """EM/F1 (percent) with 95% bootstrap intervals for each mode on the questions
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
     ``models`` may pass preloaded ``(lm, tokenizer, encoder)``; ``retrieval`` is a
     file of ``models/retrieve.py`` for the @k modes (computed here when not given).
     ``keep_predictions`` adds every answer: ``predictions[mode][question_id]``;
-    ``select_top`` and ``bank_mode`` override the checkpoint's ``MACConfig`` fields."""
+    ``select_top`` and ``bank_mode`` override the checkpoint's ``MACConfig`` fields;
+    ``bank_select`` "lm" banks only the LM's best-scored document (see the modes above)."""
     for mode in [*modes, *retention_modes]:
         parse_mode(mode)  # fail before loading anything
+    if bank_select not in ("all", "lm"):
+        raise ValueError(f"bank_select must be all or lm, not {bank_select!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = select(load_qa(data_path), load_split(split_path)[split])
     stream = list(passages(records))  # file order: the order documents are streamed in
@@ -382,6 +396,7 @@ def evaluate(
         hits = ranked_hits(retrieve(everything, encoder))
     ctx = Context(everything, lm, tokenizer, encoder, mac, hits, batch_size, seed)
     ctx.on_batch = on_batch  # progress: (mode, questions answered, questions)
+    ctx.bank_select = bank_select
     result: dict = {
         "split": split,
         "n": len(records),
@@ -390,6 +405,7 @@ def evaluate(
         "mac_version": mac.version if mac else None,
         "select_top": mac.config.select_top if mac else None,
         "bank_mode": mac.config.bank_mode if mac else None,
+        "bank_select": bank_select,
         "device": torch.cuda.get_device_name(0) if lm.device.type == "cuda" else "cpu",
         "rows": {},
         "examples": {},
@@ -441,6 +457,7 @@ def main() -> None:
     p.add_argument("--predictions", action="store_true", help="keep every answer in --out")
     p.add_argument("--select-top", type=int, default=None, help="entries the selector weighs")
     p.add_argument("--bank-mode", default=None, choices=["mean", "concat"])
+    p.add_argument("--bank-select", default="all", choices=["all", "lm"])
     a = p.parse_args()
     res = evaluate(
         a.data,
@@ -457,6 +474,7 @@ def main() -> None:
         keep_predictions=a.predictions,
         select_top=a.select_top,
         bank_mode=a.bank_mode,
+        bank_select=a.bank_select,
     )
     text = json.dumps(res, indent=1)
     if a.out:

@@ -9,7 +9,11 @@ import sys
 
 import pytest
 
+from knowstream.models.encoder import load_encoder
 from knowstream.models.evaluate import squad_scores
+from knowstream.models.inference import bundled_checkpoint
+from knowstream.models.qa_data import load_qa
+from knowstream.models.retrieve import retrieve
 
 ROWS = [
     {"doc_id": "v0", "title": "Vaults", "question_id": "q-vault",
@@ -40,6 +44,30 @@ def test_predictions_are_kept_per_question_and_scored(tmp_path):
         assert set(preds) == set(answers)
         f1 = [squad_scores(p, answers[q])[1] * 100 for q, p in preds.items()]
         assert result["rows"][mode]["f1"] == pytest.approx(sum(f1) / len(f1))
+
+
+def test_lm_bank_selection_banks_one_entry_for_mode_and_control(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"eval": ["Vaults", "Rivers"], "validation": [], "train": []}))
+    hits = tmp_path / "hits.json"
+    hits.write_text(json.dumps(retrieve(load_qa(data), load_encoder())))
+    out = tmp_path / "eval.json"
+    argv = [sys.executable, "-m", "knowstream.models.evaluate", "--data", str(data),
+            "--split-file", str(split), "--modes", "mac+rag@2,mac+rag_wrong@2,mac+rag_gold@2",
+            "--checkpoint", str(bundled_checkpoint()), "--retrieval", str(hits),
+            "--device", "cpu", "--bank-select", "lm", "--predictions",
+            "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["bank_select"] == "lm"
+    # Both documents are retrieved for each question; the LM scores its own passage best,
+    # so its entry alone is banked: the same prompt and prefix as mac+rag_gold@2.
+    preds = result["predictions"]
+    assert preds["mac+rag@2"] == preds["mac+rag_gold@2"]
+    assert set(preds["mac+rag_wrong@2"]) == set(preds["mac+rag@2"])
 
 
 def test_rung1_by_kind_refuses_a_result_without_kept_answers(tmp_path):
