@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from knowstream.models.inference import load_models
 from knowstream.models.lm import with_cache
+from knowstream.models.objectives import per_question
 from knowstream.models.qa_data import load_qa, load_split, passages, select
 from knowstream.models.retrieve import load_retrieval, top_docs
 
@@ -63,10 +64,7 @@ def question_likelihood(
         nll = F.cross_entropy(
             lm.lm_head(h.last_hidden_state[sel]).float(), target[sel], reduction="none"
         )
-        rows = sel.nonzero()[:, 0]
-        total = torch.zeros(len(batch), device=dev).index_add_(0, rows, nll)
-        count = torch.zeros(len(batch), device=dev).index_add_(0, rows, torch.ones_like(nll))
-        out += (-(total / count)).tolist()
+        out += (-per_question(nll, sel.nonzero()[:, 0], len(batch))).tolist()
     return out
 
 
