@@ -138,7 +138,7 @@ def main() -> None:
     mac = MAC.load(a.checkpoint)
     if not isinstance(mac.aggregator, EntrySelector):
         p.error(f"{a.checkpoint}: not a checkpoint of the 'lm' amortizer (no EntrySelector)")
-    sel = mac.aggregator
+    sel, loaded = mac.aggregator, mac.version
     torch.manual_seed(a.seed)
 
     records = load_qa(a.data)
@@ -181,7 +181,7 @@ def main() -> None:
     sel.load_state_dict(best_state)
     mac.config.select_top = a.select_top
     mac.eval().save(a.out)
-    summary = {"from": MAC.load(a.checkpoint).version, "version": mac.version, "curve": curve}
+    summary = {"from": loaded, "version": mac.version, "curve": curve}
     (Path(a.out) / "fit_selector.json").write_text(json.dumps({**vars(a), **summary}, indent=1))
     _log(f"wrote {a.out} ({mac.version}; best validation top-entry accuracy {best:.3f})")
 

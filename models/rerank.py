@@ -24,11 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from knowstream.models.inference import load_models
-from knowstream.models.lm import with_cache
-from knowstream.models.objectives import per_question
+from knowstream.models.objectives import answer_nll
 from knowstream.models.qa_data import load_qa, load_split, passages, select
 from knowstream.models.retrieve import load_retrieval, top_docs
 
@@ -47,24 +45,9 @@ def question_likelihood(
         q = tokenizer(" " + question.strip(), add_special_tokens=False)
         seqs.append((ctx["input_ids"], q["input_ids"]))
     out: list[float] = []
-    dev = lm.device
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start : start + batch_size]
-        L = max(len(c) + len(q) for c, q in batch)
-        ids = torch.zeros(len(batch), L, dtype=torch.long)
-        mask = torch.zeros(len(batch), L, dtype=torch.long)
-        target = torch.full((len(batch), L), -100, dtype=torch.long)
-        for i, (c, q) in enumerate(batch):
-            ids[i, : len(c) + len(q)] = torch.tensor(c + q)
-            mask[i, : len(c) + len(q)] = 1
-            target[i, len(c) - 1 : len(c) + len(q) - 1] = torch.tensor(q)  # right-padded
-        ids, mask, target = ids.to(dev), mask.to(dev), target.to(dev)
-        h = lm.model(input_ids=ids, attention_mask=mask, **with_cache(lm.model, None))
-        sel = target != -100
-        nll = F.cross_entropy(
-            lm.lm_head(h.last_hidden_state[sel]).float(), target[sel], reduction="none"
-        )
-        out += (-per_question(nll, sel.nonzero()[:, 0], len(batch))).tolist()
+        ctx_ids, q_ids = zip(*seqs[start : start + batch_size], strict=True)
+        out += (-answer_nll(lm, list(ctx_ids), list(q_ids), None, 0)).tolist()
     return out
 
 

@@ -25,11 +25,17 @@ ROWS = [
 ]  # fmt: skip
 
 
-def test_predictions_are_kept_per_question_and_scored(tmp_path):
+def write_eval_split(tmp_path):
+    """ROWS as a data file whose two articles are the split's eval articles."""
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"eval": ["Vaults", "Rivers"], "validation": [], "train": []}))
+    return data, split
+
+
+def test_predictions_are_kept_per_question_and_scored(tmp_path):
+    data, split = write_eval_split(tmp_path)
     out = tmp_path / "eval.json"
     argv = [sys.executable, "-m", "knowstream.models.evaluate", "--data", str(data),
             "--split-file", str(split), "--modes", "gold_passage,closed_book", "--device", "cpu",
@@ -47,10 +53,7 @@ def test_predictions_are_kept_per_question_and_scored(tmp_path):
 
 
 def test_lm_bank_selection_banks_one_entry_for_mode_and_control(tmp_path):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    split = tmp_path / "split.json"
-    split.write_text(json.dumps({"eval": ["Vaults", "Rivers"], "validation": [], "train": []}))
+    data, split = write_eval_split(tmp_path)
     hits = tmp_path / "hits.json"
     hits.write_text(json.dumps(retrieve(load_qa(data), load_encoder())))
     out = tmp_path / "eval.json"
