@@ -459,6 +459,11 @@ def main() -> None:
     p.add_argument("--bank-mode", default=None, choices=["mean", "concat"])
     p.add_argument("--bank-select", default="all", choices=["all", "lm"])
     a = p.parse_args()
+    for mode in [*a.modes.split(","), *filter(None, a.retention_modes.split(","))]:
+        try:
+            parse_mode(mode)
+        except ValueError as e:
+            p.error(str(e))
     res = evaluate(
         a.data,
         a.checkpoint,

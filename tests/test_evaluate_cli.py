@@ -73,6 +73,15 @@ def test_lm_bank_selection_banks_one_entry_for_mode_and_control(tmp_path):
     assert set(preds["mac+rag_wrong@2"]) == set(preds["mac+rag@2"])
 
 
+def test_an_unknown_mode_is_one_line():
+    argv = [sys.executable, "-m", "knowstream.models.evaluate", "--data", "any.jsonl",
+            "--modes", "mac+rag_gold"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("evaluate.py: error: unknown mode 'mac+rag_gold'")
+
+
 def test_rung1_by_kind_refuses_a_result_without_kept_answers(tmp_path):
     synth = [sys.executable, "-m", "knowstream.models.synthetic", "--out-dir", str(tmp_path)]
     assert subprocess.run([*synth, "--n-train", "5"], capture_output=True).returncode == 0
