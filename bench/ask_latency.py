@@ -17,7 +17,8 @@ How, all on the real parts (no mocks, see AGENTS.md):
    then each question is asked once in every mode of ``--modes``, modes in a rotating order
    per question so that no mode always runs first. Each request's wall time is measured
    around ``client.post``; inside it, timers around ``query`` (retrieval), the modulation
-   bank read and ``Generator.answer`` (the LM) split it.
+   bank read (with the banked documents' texts, for an amortizer that lets the LM pick
+   the entry) and ``Generator.answer`` (the LM, that pick included) split it.
 4. p50/p95 per mode (a table), and every request in ``--out``. The bytes the memory stores
    per document (the Qdrant doc point's payload, its ``modulation`` part) are read back from
    the memory at the end.
@@ -113,6 +114,7 @@ def timing_targets() -> list[tuple[object, str, str]]:
     return [
         (app_mod, "query", PARTS[0]),
         (VersionView, "modulation_bank", PARTS[1]),
+        (VersionView, "texts", PARTS[1]),
         (Generator, "answer", PARTS[2]),
     ]
 

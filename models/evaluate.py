@@ -355,18 +355,18 @@ def evaluate(
     keep_predictions: bool = False,
     select_top: int | None = None,
     bank_mode: str | None = None,
-    bank_select: str = "all",
+    bank_select: str | None = None,
 ) -> dict:
     """EM/F1 (percent) with 95% bootstrap intervals for each mode on the questions
     of ``split``'s articles (the first ``n`` after a seeded shuffle, all if None).
     ``models`` may pass preloaded ``(lm, tokenizer, encoder)``; ``retrieval`` is a
     file of ``models/retrieve.py`` for the @k modes (computed here when not given).
     ``keep_predictions`` adds every answer: ``predictions[mode][question_id]``;
-    ``select_top`` and ``bank_mode`` override the checkpoint's ``MACConfig`` fields;
-    ``bank_select`` "lm" banks only the LM's best-scored document (see the modes above)."""
+    ``select_top``, ``bank_mode`` and ``bank_select`` override the checkpoint's
+    ``MACConfig`` fields (``bank_select`` "lm": bank only the LM's best-scored document)."""
     for mode in [*modes, *retention_modes]:
         parse_mode(mode)  # fail before loading anything
-    if bank_select not in ("all", "lm"):
+    if bank_select not in (None, "all", "lm"):
         raise ValueError(f"bank_select must be all or lm, not {bank_select!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = select(load_qa(data_path), load_split(split_path)[split])
@@ -387,6 +387,8 @@ def evaluate(
             raise ValueError(f"--bank-mode must be mean or concat, not {bank_mode!r}")
         mac.config.select_top = mac.config.select_top if select_top is None else select_top
         mac.config.bank_mode = bank_mode or mac.config.bank_mode
+    if mac is not None and bank_select is not None:
+        mac.config.bank_select = bank_select
     if mac is not None and not mac.config.task_len:  # no task prompt: no task_ rows
         modes = [m for m in modes if not m.startswith("task_")]
     hits = None
@@ -396,7 +398,7 @@ def evaluate(
         hits = ranked_hits(retrieve(everything, encoder))
     ctx = Context(everything, lm, tokenizer, encoder, mac, hits, batch_size, seed)
     ctx.on_batch = on_batch  # progress: (mode, questions answered, questions)
-    ctx.bank_select = bank_select
+    ctx.bank_select = mac.config.bank_select if mac else "all"
     result: dict = {
         "split": split,
         "n": len(records),
@@ -405,7 +407,7 @@ def evaluate(
         "mac_version": mac.version if mac else None,
         "select_top": mac.config.select_top if mac else None,
         "bank_mode": mac.config.bank_mode if mac else None,
-        "bank_select": bank_select,
+        "bank_select": ctx.bank_select,
         "device": torch.cuda.get_device_name(0) if lm.device.type == "cuda" else "cpu",
         "rows": {},
         "examples": {},
@@ -457,7 +459,9 @@ def main() -> None:
     p.add_argument("--predictions", action="store_true", help="keep every answer in --out")
     p.add_argument("--select-top", type=int, default=None, help="entries the selector weighs")
     p.add_argument("--bank-mode", default=None, choices=["mean", "concat"])
-    p.add_argument("--bank-select", default="all", choices=["all", "lm"])
+    p.add_argument(
+        "--bank-select", default=None, choices=["all", "lm"], help="default: the checkpoint's"
+    )
     a = p.parse_args()
     for mode in [*a.modes.split(","), *filter(None, a.retention_modes.split(","))]:
         try:

@@ -80,6 +80,9 @@ class MACConfig:
     max_doc_tokens: int = 1024  # "lm": a longer document is read up to this many LM tokens
     select_top: int = 0  # "lm", "mean": the selector weighs only its top entries (0 = all)
     bank_mode: str = "mean"  # "lm": "mean" of the entries by the selector, or "concat" them
+    # "all": every retrieved document's entry is banked; "lm": only the one after which the
+    # frozen LM finds the question likeliest (models/rerank.py; EVAL.md, eighth run)
+    bank_select: str = "all"
     seed: int = 0  # seed of the initial weights: untrained models are identical across processes
 
     @property
@@ -731,6 +734,8 @@ class MAC(nn.Module):
             torch.manual_seed(config.seed)
             self.amortizer: Amortizer | LMAmortizer
             self.aggregator: Aggregator | EntrySelector
+            if config.bank_select not in ("all", "lm"):
+                raise ValueError(f"bank_select: 'all' or 'lm', not {config.bank_select!r}")
             if config.amortizer == "lm":
                 if config.bank_mode not in ("mean", "concat"):
                     raise ValueError(f"bank_mode: 'mean' or 'concat', not {config.bank_mode!r}")
@@ -776,7 +781,11 @@ class MAC(nn.Module):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
         # An option at its default adds nothing: checkpoints saved before it keep their version.
-        for option, default in (("select_top", 0), ("bank_mode", "mean")):
+        for option, default in (
+            ("select_top", 0),
+            ("bank_mode", "mean"),
+            ("bank_select", "all"),
+        ):
             if (value := getattr(self.config, option)) != default:
                 h.update(f"{option}={value}".encode())
         return "mac-" + h.hexdigest()[:12]

@@ -5,6 +5,10 @@
                     aggregated for the question, enter as prefix key/values
     mode "mac+rag": both
 
+An amortizer with ``bank_select`` "lm" (the shipped one) banks one entry only: that of the
+retrieved document after which the frozen LM finds the question likeliest
+(``models/rerank.py``), as its evaluation did.
+
 Prompts and decoding are the ones training and evaluation use
 (``models/inference.py``), so served answers behave like the measured ones.
 Models load once per process (``Generator.get``).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
@@ -28,6 +33,14 @@ if TYPE_CHECKING:
 
 MODES = ("rag", "mac", "mac+rag")
 MAX_NEW_TOKENS = 24  # answers are short spans
+
+
+@dataclass(frozen=True)
+class Bank:
+    """The memory entries of the documents behind the evidence, in rank order."""
+
+    doc_ids: list[str]
+    entries: np.ndarray  # (N, T, d)
 
 
 class Generator:
@@ -52,10 +65,12 @@ class Generator:
         question: str,
         mode: str,
         passages: list[str],
-        bank: np.ndarray | None,
+        bank: Bank | None,
         amortizer: str | None = None,
+        documents: dict[str, str] | None = None,
     ) -> str:
-        """``amortizer``: checkpoint folder of the MAC networks (modes mac, mac+rag)."""
+        """``amortizer``: checkpoint folder of the MAC networks (modes mac, mac+rag);
+        ``documents``: the banked documents' texts, by id, when it has ``bank_select`` "lm"."""
         from knowstream.models.inference import (
             chat_prompts,
             generate,
@@ -63,6 +78,7 @@ class Generator:
             passage_prompt,
             prefix_cache,
         )
+        from knowstream.models.rerank import best_documents
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -70,12 +86,21 @@ class Generator:
         if mode != "mac" and passages:
             content = passage_prompt("\n\n".join(passages), content)
         prefix, P = None, 0
-        if mode != "rag" and bank is not None and len(bank):
+        if mode != "rag" and bank is not None and len(bank.doc_ids):
             if amortizer is None:
                 raise ValueError(f"mode {mode} needs the amortizer that built the entries")
             mac = load_amortizer(amortizer)
+            rows = bank.entries
+            if mac.config.bank_select == "lm" and len(bank.doc_ids) > 1:
+                if documents is None:
+                    raise ValueError("an amortizer with bank_select 'lm' needs the documents")
+                with self._lock:
+                    best = best_documents(
+                        self.lm, self.tokenizer, [question], [bank.doc_ids], documents
+                    )[0]
+                rows = rows[[bank.doc_ids.index(best)]]
             q_states, q_mask = self.encoder.encode([question])
-            entries = torch.from_numpy(np.asarray(bank, dtype=np.float32))[None]
+            entries = torch.from_numpy(np.asarray(rows, dtype=np.float32))[None]
             prefix = prefix_cache(mac, mac.aggregator(q_states, q_mask, entries), self.lm.dtype)
             P = mac.config.prefix_len
         with self._lock:
@@ -85,7 +110,7 @@ class Generator:
 
 def retrieve(
     memory: Memory, question: str, *, version: int | None, k: int, mode: str
-) -> tuple[QueryResult, np.ndarray | None]:
+) -> tuple[QueryResult, Bank | None]:
     """Evidence for ``question`` from one memory version, and for the MAC modes the
     memory entries of the documents behind that evidence (the bank to aggregate)."""
     from knowstream.query import query
@@ -94,7 +119,8 @@ def retrieve(
     bank = None
     if mode in ("mac", "mac+rag"):
         doc_ids = list(dict.fromkeys(h.doc_id for h in result.hits))
-        bank = memory.view(result.version).modulation_bank(doc_ids) if doc_ids else None
+        if doc_ids:
+            bank = Bank(*memory.view(result.version).modulation_bank(doc_ids))
     return result, bank
 
 
@@ -128,11 +154,16 @@ def amortizer_for(memory: Memory, version: int) -> str:
     return path
 
 
-def answer(memory: Memory, result: QueryResult, bank: np.ndarray | None, mode: str) -> str | None:
+def answer(memory: Memory, result: QueryResult, bank: Bank | None, mode: str) -> str | None:
     """The LM's answer for ``mode`` (None for "evidence": retrieval only), with the
     amortizer that built the served version."""
+    from knowstream.models.inference import load_amortizer
+
     if mode == "evidence":
         return None
     amortizer = amortizer_for(memory, result.version) if bank is not None else None
+    documents = None
+    if bank is not None and amortizer and load_amortizer(amortizer).config.bank_select == "lm":
+        documents = memory.view(result.version).texts(bank.doc_ids)
     passages = [h.text for h in result.hits]
-    return Generator.get().answer(result.question, mode, passages, bank, amortizer)
+    return Generator.get().answer(result.question, mode, passages, bank, amortizer, documents)

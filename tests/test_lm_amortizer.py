@@ -221,14 +221,18 @@ def test_concat_padding_entry_is_masked_out_of_the_lm(lm, encoder, entries):
 
 
 def test_selector_options_are_checked_and_part_of_the_version():
-    for bad in (replace(C, amortizer="reader", select_top=1), replace(C, bank_mode="sum")):
+    bad_options = (
+        replace(C, amortizer="reader", select_top=1),
+        replace(C, bank_mode="sum"),
+        replace(C, bank_select="best"),
+    )
+    for bad in bad_options:
         with pytest.raises(ValueError):
             MAC.init(bad)
     # Same weights (seeded), other answers: another version; the defaults change nothing.
-    versions = {
-        MAC.init(replace(C, **o)).version for o in ({}, {"select_top": 1}, {"bank_mode": "concat"})
-    }
-    assert len(versions) == 3
+    options = ({}, {"select_top": 1}, {"bank_mode": "concat"}, {"bank_select": "lm"})
+    versions = {MAC.init(replace(C, **o)).version for o in options}
+    assert len(versions) == 4
     assert MAC.init(replace(C, select_top=0)).version == MAC.init(C).version
 
 
@@ -287,3 +291,6 @@ def test_bundled_checkpoint_is_a_small_evaluated_lm_mac():
     report = json.loads((path / "eval.json").read_text())
     assert report["rows"] and report["paired_f1"]
     assert all(row["n"] >= 1578 for row in report["rows"].values())
+    # The report is of the checkpoint as it ships: its version and its bank selection.
+    assert report["mac_version"] == mac.version
+    assert report["bank_select"] == mac.config.bank_select

@@ -12,9 +12,11 @@ from knowstream.connectors.kafka import produce_file
 from knowstream.connectors.qdrant import close_clients
 from knowstream.flows.ingest import ingest_flow
 from knowstream.memory import Memory
+from knowstream.models.inference import load_amortizer
 from knowstream.models.mac import MAC, MACConfig
+from knowstream.models.rerank import best_documents
 from knowstream.serving.app import create_app
-from knowstream.serving.generate import amortizer_for
+from knowstream.serving.generate import Bank, Generator, amortizer_for, answer, retrieve
 from tests.test_memory_e2e import UPDATE, fresh, sample_events, write_jsonl
 
 QUESTION = "What was the final score of Super Bowl 50?"
@@ -132,3 +134,27 @@ def test_mac_answers_with_the_amortizer_that_built_the_version(served, served_se
     elsewhere = Memory(served_settings.model_copy(update={"amortizer": str(other)}))
     with pytest.raises(LookupError, match="amortized by mac-"):
         amortizer_for(elsewhere, 2)
+
+
+def test_a_version_gives_back_each_document_text_stitched_from_its_chunks(served, served_settings):
+    view = Memory(served_settings).view(2)
+    texts = {e["doc_id"]: e["text"].strip() for e in sample_events(5)}
+    texts[UPDATE["doc_id"]] = UPDATE["text"]
+    assert view.texts(list(texts)) == texts
+    assert any(len(view.chunks(d)) > 1 for d in texts)  # overlapping chunks among them
+
+
+def test_mac_banks_only_the_document_the_lm_finds_the_question_likeliest_after(
+    served, served_settings
+):
+    memory = Memory(served_settings)
+    result, bank = retrieve(memory, QUESTION, version=2, k=4, mode="mac")
+    assert bank is not None and len(bank.doc_ids) > 1
+    assert load_amortizer("bundled").config.bank_select == "lm"
+    documents = memory.view(2).texts(bank.doc_ids)
+    gen = Generator.get()
+    best = best_documents(gen.lm, gen.tokenizer, [QUESTION], [bank.doc_ids], documents)[0]
+    alone = Bank([best], bank.entries[[bank.doc_ids.index(best)]])
+    assert answer(memory, result, bank, "mac") == gen.answer(QUESTION, "mac", [], alone, "bundled")
+    with pytest.raises(ValueError, match="needs the documents"):
+        gen.answer(QUESTION, "mac", [], bank, "bundled")

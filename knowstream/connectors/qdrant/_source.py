@@ -76,10 +76,27 @@ class VersionView:
             )
         return out
 
-    def modulation_bank(self, doc_ids: Sequence[str]) -> np.ndarray:
-        """(N, T, d) entries of the given docs, in the given order (missing ones skipped)."""
+    def modulation_bank(self, doc_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """The given docs that have an entry, in the given order, and their (N, T, d) entries."""
         mods = self.modulations(doc_ids)
-        return np.stack([mods[d].to_array() for d in doc_ids if d in mods])
+        kept = [d for d in doc_ids if d in mods]
+        return kept, np.stack([mods[d].to_array() for d in kept])
+
+    def texts(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        """The text of each given doc, stitched from its chunks by their character offsets
+        (chunks overlap; between chunks that do not, the document had only whitespace)."""
+        parts: dict[str, list[str]] = {}
+        ends: dict[str, int] = {}
+        flt = visible(self.lineage, kind="chunk", doc_ids=doc_ids)
+        for c in sorted((p.payload for p in self.store.scroll(flt)), key=lambda c: c["index"]):
+            doc, end = c["doc_id"], ends.get(c["doc_id"], c["char_start"])
+            if c["char_end"] <= end:
+                continue
+            if c["char_start"] > end:
+                parts[doc].append(" ")
+            parts.setdefault(doc, []).append(c["text"][max(end - c["char_start"], 0) :])
+            ends[doc] = c["char_end"]
+        return {doc: "".join(p) for doc, p in parts.items()}
 
     def digest(self) -> str:
         """sha256 over everything this version serves, independent of point ids and
