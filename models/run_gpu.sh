@@ -21,7 +21,8 @@
 #   eval       evaluate the trained checkpoint (CKPT) on validation + eval articles
 #              (EVAL_PREDICTIONS=1: every answer kept; EVAL_RETRIEVAL: another hits file;
 #              EVAL_VALIDATION=1 [EVAL_VALIDATION_MODES]: validation too, EVAL_SKIP_EVAL=1:
-#              only it; EVAL_ARGS: more evaluate options; EVAL_TAG: suffix of the JSON names)
+#              only it; EVAL_ARGS: more evaluate options; EVAL_TAG: suffix of the JSON and
+#              log names; EVAL_DATA + EVAL_SPLIT_FILE: another QA set, e.g. SQuADShifts)
 #   rung1      rung 1: synthetic facts, train + evaluate own vs wrong entry
 #   lm         rung 0: self-questions for 64 eval passages, free distilled prefixes of each
 #              length in RUNG0_PREFIX (default 2), after the task prompt of RUNG0_CKPT
@@ -93,12 +94,13 @@ knowstream_path $S
 export KNOWSTREAM_LM_CACHE=/tmp/lmcache
 SPLIT=data/splits/squad_v1.1.json
 DEV=$P/dev.jsonl.gz
+LOG=$OUT/$STEP${EVAL_TAG:-}.log  # a tag keeps the logs of several evaluations in one call apart
 {
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -c "import torch, transformers as t; print('torch', torch.__version__, t.__name__, t.__version__)"
     date -u
-} | tee $OUT/$STEP.log
-run() { echo "+ $*" | tee -a $OUT/$STEP.log; "$@" 2>&1 | grep -v -i warn | tee -a $OUT/$STEP.log; }
+} | tee $LOG
+run() { echo "+ $*" | tee -a $LOG; "$@" 2>&1 | grep -v -i warn | tee -a $LOG; }
 # The MAC shape of issue 9: task prompt 4 + memory 2 tokens per layer, the LM reads the
 # documents with LoRA r16 (MACConfig.amortizer = "lm").
 MAC_ARGS="--amortizer=lm --task_len=4 --prefix_len=6 --lm_lora_rank=16 --dropout=0.0"
@@ -145,8 +147,8 @@ eval)
         --retrieval .gpu/retrieval-validation.json --device cuda \
         --modes ${EVAL_VALIDATION_MODES:-mac_gold,mac_wrong,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
         ${EVAL_ARGS:-} --out $OUT/validation${EVAL_TAG:-}.json
-    [ -n "${EVAL_SKIP_EVAL:-}" ] || run python3 -m knowstream.models.evaluate --data $DEV \
-        --split-file $SPLIT --split eval \
+    [ -n "${EVAL_SKIP_EVAL:-}" ] || run python3 -m knowstream.models.evaluate \
+        --data ${EVAL_DATA:-$DEV} --split-file ${EVAL_SPLIT_FILE:-$SPLIT} --split eval \
         --checkpoint $CKPT --retrieval ${EVAL_RETRIEVAL:-.gpu/retrieval-eval.json} --device cuda \
         --modes ${EVAL_MODES:-closed_book,task_closed_book,task_gold_passage,mac_gold,mac_wrong,rag@3,task_rag@3,mac@3,mac_wrong@3,mac+rag@3,mac+rag_wrong@3} \
         ${EVAL_PREDICTIONS:+--predictions} ${EVAL_ARGS:-} --out $OUT/eval${EVAL_TAG:-}.json
