@@ -107,12 +107,12 @@ def build_memory(settings: Settings, docs: list[dict[str, Any]]) -> dict[str, An
 
 
 def timing_targets() -> list[tuple[object, str, str]]:
-    import knowstream.serving.app as app_mod
+    import knowstream.query as query_mod
     from knowstream.connectors.qdrant._source import VersionView
     from knowstream.serving.generate import Generator
 
     return [
-        (app_mod, "query", PARTS[0]),
+        (query_mod, "query", PARTS[0]),
         (VersionView, "modulation_bank", PARTS[1]),
         (VersionView, "texts", PARTS[1]),
         (Generator, "answer", PARTS[2]),

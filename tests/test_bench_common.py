@@ -80,6 +80,13 @@ def test_instrumented_times_and_restores():
     assert set(timer.take()) == {"work"} and timer.take() == {}
 
 
+def test_ask_latency_timing_targets_exist():
+    from bench import ask_latency
+
+    for owner, attr, _ in ask_latency.timing_targets():
+        assert callable(getattr(owner, attr)), f"{owner}.{attr}"
+
+
 def test_machine_info_and_header():
     info = common.machine_info(["numpy", "no-such-package-xyz"])
     assert info["versions"]["no-such-package-xyz"] == "not installed"
