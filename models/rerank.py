@@ -6,7 +6,8 @@ similarity picks it for about 70% of the questions, retrieval's ranking and the 
 selector alike. Here the frozen SmolLM2 scores each banked document instead: the mean
 log-probability of the question's tokens after the document and an instruction to write a
 question about it (query likelihood, as in UPR, Sachan et al. 2022). One LM pass per
-banked document; no training.
+banked document; no training. A checkpoint with ``bank_select`` "lm" (the shipped one)
+banks only ``best_documents``' pick, in ``evaluate`` and in serving.
 
     python -m knowstream.models.rerank --data ../shared/data/squad_v1.1/dev.jsonl \\
         --split validation --retrieval hits-validation.json [--n 150] [--out rerank.json]
