@@ -141,6 +141,9 @@ class TrainConfig:
     encoder_lora_rank: int = 0  # LoRA on the document encoder (0 = frozen encoder)
     dropout: float = 0.1  # dropout inside the MAC networks
     bank_mode: str = ""  # "lm": "mean" or "concat" entries ("" = MACConfig's, or --init_from's)
+    # how evaluation and serving read the saved checkpoint's bank, "all" or "lm" (training
+    # itself banks every entry; "" = MACConfig's, or --init_from's)
+    bank_select: str = ""
 
     def mac_config(self) -> MACConfig:
         names = {f.name for f in fields(MACConfig)}
@@ -650,6 +653,8 @@ def train(
 
 def main(argv: list[str]) -> None:
     cfg = parse_overrides(argv, TrainConfig())
+    if cfg.bank_select not in ("", "all", "lm"):
+        raise SystemExit(f"--bank_select must be all or lm, not {cfg.bank_select!r}")
     records: list[QA] = []
     val_records: list[QA] = []
     if cfg.squad:
@@ -672,6 +677,8 @@ def main(argv: list[str]) -> None:
         mac = MAC.load(cfg.init_from, cfg.device)  # its own MACConfig (dropout included)
         if cfg.bank_mode:
             mac.config.bank_mode = cfg.bank_mode
+        if cfg.bank_select:
+            mac.config.bank_select = cfg.bank_select
     else:
         mac = MAC.init(cfg.mac_config()).to(cfg.device)
     print(f"{len(records)} train / {len(val_records)} val questions on {cfg.device}", flush=True)

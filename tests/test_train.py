@@ -110,6 +110,11 @@ def test_a_batch_with_a_non_finite_gradient_is_skipped_and_counted(tokenizer, mo
     assert all(torch.isfinite(p).all() for p in mac.parameters())
 
 
+def test_bank_select_goes_into_the_saved_config_and_defaults_to_the_mac_configs():
+    assert tiny_config().mac_config().bank_select == MACConfig().bank_select == "all"
+    assert tiny_config(bank_select="lm").mac_config().bank_select == "lm"
+
+
 def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
     a = torch.randn(5, 11)
     assert torch.allclose(kl_per_token(a, a), torch.zeros(5), atol=1e-6)
