@@ -162,8 +162,9 @@ def answer(memory: Memory, result: QueryResult, bank: Bank | None, mode: str) ->
     if mode == "evidence":
         return None
     amortizer = amortizer_for(memory, result.version) if bank is not None else None
-    documents = None
-    if bank is not None and amortizer and load_amortizer(amortizer).config.bank_select == "lm":
-        documents = memory.view(result.version).texts(bank.doc_ids)
+    documents = None  # read only when the LM has more than one document to pick from
+    if bank is not None and amortizer is not None and len(bank.doc_ids) > 1:
+        if load_amortizer(amortizer).config.bank_select == "lm":
+            documents = memory.view(result.version).texts(bank.doc_ids)
     passages = [h.text for h in result.hits]
     return Generator.get().answer(result.question, mode, passages, bank, amortizer, documents)
